@@ -1,0 +1,168 @@
+"""Faiss interop: export an artifact's index to Faiss, import a Faiss IVF-PQ back, and a search
+backend that serves our artifact through Faiss on CPU.
+
+Faiss is optional (the ``faiss`` extra); every function here imports it lazily and raises a
+clear ImportError when it is missing. Faiss labels are our row numbers, so ids map back exactly
+and a ``-1`` label (fewer hits than k) is never looked up as an id.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .ivfpq import IVFPQ, unpack_codes
+from .search import check_k_nprobe, check_queries
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("faiss is not installed: pip install 'jointpq[faiss]' (faiss-cpu)") from e
+    return faiss
+
+
+def available() -> bool:
+    try:
+        _faiss()
+    except ImportError:
+        return False
+    return True
+
+
+def to_faiss_ivfpq(index: IVFPQ, fast_scan: bool = False):
+    """The IVF part of `index` as a Faiss IndexIVFPQ (or IndexIVFPQFastScan for 4-bit codes),
+    expecting already-rotated queries. Codes are copied as they are: no re-encoding."""
+    faiss = _faiss()
+    metric = faiss.METRIC_INNER_PRODUCT if index.metric == "ip" else faiss.METRIC_L2
+    quantizer = faiss.IndexFlatIP(index.d) if index.metric == "ip" else faiss.IndexFlatL2(index.d)
+    quantizer.add(index.centroids.numpy())
+    ivf = faiss.IndexIVFPQ(quantizer, index.d, index.nlist, index.M, index.nbits, metric)
+    ivf.own_fields = True
+    quantizer.this.disown()
+    faiss.copy_array_to_vector(index.codebooks.numpy().ravel(), ivf.pq.centroids)
+    ivf.is_trained = True
+    ivf.precompute_table()
+    codes = index.codes.numpy()
+    rows = np.arange(index.n, dtype=np.int64)
+    offs = index.offsets.tolist()
+    for c in range(index.nlist):
+        a, b = offs[c], offs[c + 1]
+        if b > a:
+            ivf.invlists.add_entries(
+                c, b - a, faiss.swig_ptr(rows[a:b]), faiss.swig_ptr(np.ascontiguousarray(codes[a:b]))
+            )
+    ivf.ntotal = index.n
+    if fast_scan:
+        if index.nbits != 4:
+            raise ValueError("Faiss fast-scan serves 4-bit codes only")
+        fast = faiss.IndexIVFPQFastScan(ivf)  # repacks the codes into SIMD blocks
+        ivf.own_fields, fast.own_fields = False, True  # the quantizer now belongs to `fast`
+        return fast
+    return ivf
+
+
+def to_faiss(index: IVFPQ, fast_scan: bool = False):
+    """A standalone Faiss index equivalent to `index`: rotation (if any) + IVF-PQ. Its labels are
+    row numbers; map them through ``index.ids``."""
+    faiss = _faiss()
+    ivf = to_faiss_ivfpq(index, fast_scan)
+    if torch.equal(index.rotation, torch.eye(index.d)):
+        return ivf
+    lt = faiss.LinearTransform(index.d, index.d, False)
+    faiss.copy_array_to_vector(index.rotation.numpy().ravel(), lt.A)
+    lt.is_trained = True
+    lt.is_orthonormal = True
+    pre = faiss.IndexPreTransform(lt, ivf)
+    pre.own_fields = True
+    ivf.this.disown()
+    lt.this.disown()
+    return pre
+
+
+def from_faiss(findex, ids=None) -> IVFPQ:
+    """Import a Faiss IndexIVFPQ (optionally inside an IndexPreTransform with one orthonormal
+    linear transform, e.g. OPQ) as an `IVFPQ`. Faiss labels become item ids unless `ids`
+    (indexed by label) is given."""
+    faiss = _faiss()
+    from .build import assemble
+
+    keep = findex  # noqa: F841 - a downcast wrapper does not own the object: keep it alive
+    findex = faiss.downcast_index(findex)
+    d = findex.d
+    R = np.eye(d, dtype=np.float32)
+    if isinstance(findex, faiss.IndexPreTransform):
+        if findex.chain.size() != 1:
+            raise ValueError(f"only one pre-transform is supported, got {findex.chain.size()}")
+        lt = faiss.downcast_VectorTransform(findex.chain.at(0))
+        if not isinstance(lt, faiss.LinearTransform) or lt.d_in != lt.d_out:
+            raise ValueError("the pre-transform must be a square linear transform (OPQ or a rotation)")
+        if lt.have_bias and np.abs(faiss.vector_to_array(lt.b)).max() > 0:
+            raise ValueError("the pre-transform has a bias; only rotations are supported")
+        R = faiss.vector_to_array(lt.A).reshape(d, d).astype(np.float32)
+        inner = findex.index
+        findex = faiss.downcast_index(inner)
+    if not isinstance(findex, faiss.IndexIVFPQ) or isinstance(findex, faiss.IndexIVFPQR):
+        raise ValueError(f"expected an IndexIVFPQ, got {type(findex).__name__}")
+    if not findex.by_residual:
+        raise ValueError("only residual IVF-PQ (by_residual=True) is supported")
+    if findex.pq.nbits not in (4, 8):
+        raise ValueError(f"nbits {findex.pq.nbits} is not supported (4 or 8)")
+    metric = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(findex.metric_type)
+    if metric is None:
+        raise ValueError(f"metric type {findex.metric_type} is not supported")
+    nlist, M, nbits = findex.nlist, findex.pq.M, findex.pq.nbits
+    C = findex.quantizer.reconstruct_n(0, nlist)
+    P = faiss.vector_to_array(findex.pq.centroids).reshape(M, 1 << nbits, d // M)
+    inv = findex.invlists
+    cells, codes, labels = [], [], []
+    for c in range(nlist):
+        s = inv.list_size(c)
+        if s:
+            codes.append(faiss.rev_swig_ptr(inv.get_codes(c), s * inv.code_size).copy().reshape(s, inv.code_size))
+            labels.append(faiss.rev_swig_ptr(inv.get_ids(c), s).copy())
+            cells.append(np.full(s, c, dtype=np.int64))
+    codes_np = np.concatenate(codes) if codes else np.zeros((0, inv.code_size), np.uint8)
+    labels_np = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    item_ids = [str(i) for i in labels_np] if ids is None else [str(ids[i]) for i in labels_np]
+    unpacked = unpack_codes(torch.from_numpy(codes_np), nbits)
+    return assemble(
+        metric,
+        torch.from_numpy(R),
+        torch.from_numpy(C),
+        torch.from_numpy(P),
+        torch.from_numpy(np.concatenate(cells) if cells else np.zeros(0, np.int64)),
+        unpacked,
+        item_ids,
+        nbits,
+    )
+
+
+class FaissSearcher:
+    """Serves an `IVFPQ` through Faiss on CPU; the rotation is applied here so the Faiss index is
+    a bare IVF and per-call nprobe goes through SearchParameters (thread-safe, no shared state)."""
+
+    name = "faiss"
+
+    def __init__(self, index: IVFPQ, fast_scan: bool | None = None):
+        self.faiss = _faiss()
+        self.d, self.nlist, self.metric = index.d, index.nlist, index.metric
+        fast = index.nbits == 4 if fast_scan is None else fast_scan
+        self.ivf = to_faiss_ivfpq(index, fast_scan=fast)
+        eye = torch.equal(index.rotation, torch.eye(index.d))
+        self.rotation_t = None if eye else np.ascontiguousarray(index.rotation.numpy().T)
+        self.device = torch.device("cpu")
+
+    def search_rows(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = check_queries(queries, self.d)
+        check_k_nprobe(k, nprobe)
+        xq = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        if self.rotation_t is not None:
+            xq = xq @ self.rotation_t
+        params = self.faiss.SearchParametersIVF(nprobe=min(int(nprobe), self.nlist))
+        D, I = self.ivf.search(xq, int(k), params=params)  # noqa: E741 - Faiss's names
+        pad = -np.inf if self.metric == "ip" else np.inf
+        D = np.where(I < 0, pad, D).astype(np.float32)
+        return D, I.astype(np.int64)

@@ -1,0 +1,80 @@
+"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent) and small
+seeded synthetic indexes built with the real builder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("JOINTPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def shared(name: str) -> Path:
+    """Path of a shared data set, or skip the test saying why (a user's clone has no ../shared)."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"shared data set {name!r} not found at {path} (set JOINTPQ_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def siftsmall():
+    """(base (10000, 128), queries (100, 128), ground truth (100, 100)) from the TEXMEX siftsmall."""
+    from index.vectors import read_vecs, read_vectors
+
+    d = shared("siftsmall")
+    return (
+        read_vectors(d / "siftsmall_base.bvecs"),
+        read_vectors(d / "siftsmall_query.fvecs"),
+        read_vecs(d / "siftsmall_groundtruth.ivecs"),
+    )
+
+
+def clustered(n: int, d: int, seed: int = 0, nclusters: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((nclusters, d)).astype(np.float32) * 2
+    return centres[rng.integers(0, nclusters, n)] + rng.standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """(base (3000, 32), queries (40, 32)) seeded clustered vectors."""
+    return clustered(3000, 32, seed=0), clustered(40, 32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def small_indexes(small_data):
+    """Two-step indexes over `small_data` for every (metric, nbits, opq) the engine supports."""
+    from index import build_ivfpq
+
+    xb, _ = small_data
+    out = {}
+    for metric in ("ip", "l2"):
+        for nbits, M in ((8, 8), (4, 16)):
+            for opq in (False, True):
+                out[metric, nbits, opq] = build_ivfpq(
+                    xb,
+                    nlist=16,
+                    M=M,
+                    nbits=nbits,
+                    metric=metric,
+                    opq=opq,
+                    niter=10,
+                    seed=3,
+                    ids=[f"doc-{i}" for i in range(len(xb))],
+                )
+    return out
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean |found ∩ truth| / |truth| over rows (ids or row numbers, -1 ignored)."""
+    return float(
+        np.mean([len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)])
+    )

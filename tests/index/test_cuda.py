@@ -1,0 +1,48 @@
+"""CUDA: the same engine on the GPU agrees with the CPU. Skipped (not failed) without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from index import TorchSearcher, exact_search, load_index, write_artifact
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
+
+
+@pytest.mark.parametrize("key", [("ip", 8, False), ("l2", 4, True), ("ip", 4, True)])
+def test_cuda_search_matches_cpu(small_data, small_indexes, key):
+    _, xq = small_data
+    index = small_indexes[key]
+    cpu = TorchSearcher(index, "cpu").search_rows(xq, 20, 4)
+    gpu = TorchSearcher(index, "cuda").search_rows(xq, 20, 4)
+    np.testing.assert_allclose(gpu[0], cpu[0], rtol=1e-4, atol=1e-3)
+    assert (gpu[1] == cpu[1]).mean() > 0.99
+
+
+def test_cuda_cells_strategy_matches_pairs(small_data, small_indexes):
+    _, xq = small_data
+    index = small_indexes["l2", 8, True]
+    a = TorchSearcher(index, "cuda", "cells").search_rows(xq, 10, 4)
+    b = TorchSearcher(index, "cuda", "pairs").search_rows(xq, 10, 4)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-3)
+
+
+def test_auto_device_loads_on_cuda(tmp_path, small_indexes, small_data):
+    _, xq = small_data
+    path = write_artifact(tmp_path / "a", small_indexes["ip", 8, False])
+    idx = load_index(path, device="auto", backend="auto")
+    assert idx.device.type == "cuda" and idx.backend == "torch"
+    _, ids = idx.search(xq, k=5, nprobe=4)
+    assert len(ids) == len(xq)
+
+
+def test_cuda_exact_search_matches_cpu(small_data):
+    xb, xq = small_data
+    a = exact_search(xq, xb, 10, "l2", device="cpu")
+    b = exact_search(xq, xb, 10, "l2", device="cuda")
+    assert (a[1] == b[1]).mean() > 0.99

@@ -1,0 +1,77 @@
+"""The `jointpq` command, run for real as a subprocess (the installed console script)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import clustered
+
+
+def _jointpq(*args, cwd=None):
+    exe = shutil.which("jointpq")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "service.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_build_then_search(tmp_path):
+    np.save(tmp_path / "base.npy", clustered(2000, 16))
+    np.save(tmp_path / "q.npy", clustered(3, 16, seed=5))
+    (tmp_path / "ids.txt").write_text("\n".join(f"sku-{i}" for i in range(2000)))
+    out = _jointpq(
+        "build",
+        "--vectors",
+        str(tmp_path / "base.npy"),
+        "--ids",
+        str(tmp_path / "ids.txt"),
+        "--out",
+        str(tmp_path / "art"),
+        "--nlist",
+        "8",
+        "--m",
+        "4",
+        "--metric",
+        "l2",
+        "--opq",
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["n_items"] == 2000 and summary["M"] == 4
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["training"]["mode"] == "two-step" and manifest["training"]["opq"] is True
+    out = _jointpq("search", "--artifact", str(tmp_path / "art"), "--queries", str(tmp_path / "q.npy"), "--k", "3")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == 3 and all(len(r["ids"]) == 3 and r["ids"][0].startswith("sku-") for r in rows)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    out = _jointpq("search", "--artifact", str(tmp_path / "missing"), "--queries", str(tmp_path / "q.npy"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {tmp_path / 'missing'}: not an artifact directory"
+    np.save(tmp_path / "base.npy", clustered(100, 16))
+    out = _jointpq(
+        "build", "--vectors", str(tmp_path / "base.npy"), "--out", str(tmp_path / "a"), "--nlist", "8", "--m", "5"
+    )
+    assert out.returncode == 2 and "divisible by M=5" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "search", "demo"])
+def test_help_shows_a_working_example(command):
+    out = _jointpq(command, "--help")
+    assert out.returncode == 0 and "usage: jointpq" in out.stdout
+    if command != "demo":
+        assert "example:" in out.stdout
+
+
+def test_demo_builds_once_and_searches(tmp_path):
+    out = _jointpq("demo", "--artifact", str(tmp_path / "demo"), "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "built" in out.stdout and out.stdout.count("query ") == 5
+    again = _jointpq("demo", "--artifact", str(tmp_path / "demo"), "--device", "cpu")
+    assert again.returncode == 0 and "built" not in again.stdout
