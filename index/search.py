@@ -31,6 +31,7 @@ Codes stay uint8 on the device; only a chunk's worth of int indices is ever made
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -204,27 +205,47 @@ class TorchSearcher:
         counts = torch.bincount(flat, minlength=self.nlist).tolist()
         xsub = xs.view(B, self.Mv, -1)
         lut = self._lut(xs)  # (B, Mv*256), used as is by cells only one query probes
-        offs, start = self._offsets_list, 0
+        offs, jobs, start = self._offsets_list, [], 0
         for c in torch.unique(flat).tolist():
-            end = start + counts[c]
-            a, b = offs[c], offs[c + 1]
-            if b > a:
-                qc = qs[start:end]
+            if offs[c + 1] > offs[c]:
+                jobs.append((c, start, start + counts[c]))
+            start += counts[c]
+
+        @torch.inference_mode()  # thread-local: worker threads must enter it themselves
+        def score(part: list[tuple[int, int, int]]) -> None:
+            for c, start, end in part:
+                a, b = offs[c], offs[c + 1]
                 if end - start == 1:  # a lone query: its table row is already the weight
                     w = lut[qs[start]].view(-1, 1)
                 else:  # (Mv, 256, dv) @ (Mv, dv, |Q_c|) -> (Mv*256, |Q_c|): this cell's tables, transposed
-                    w = torch.bmm(self.codebooks, xsub[qc].permute(1, 2, 0)).reshape(self.Mv * 256, -1)
+                    w = torch.bmm(self.codebooks, xsub[qs[start:end]].permute(1, 2, 0)).reshape(self.Mv * 256, -1)
                 out = F.embedding_bag(self.codes[a:b].int() + self._moff32, w, mode="sum")  # (n_c, |Q_c|)
                 out += cs[start:end]
                 if self.norms is not None:
                     out -= self.norms[a:b, None]
-                buf.put_(base[start:end] + self._arange[: b - a, None], out)
-            start = end
+                buf.put_(base[start:end] + self._arange[: b - a, None], out)  # disjoint slots per job
+
+        # The per-cell ops are too small for torch's intra-op threads, so split the cells across
+        # Python threads instead (torch releases the GIL inside each op).
+        threads = min(torch.get_num_threads(), len(jobs) // 32) if self.device.type == "cpu" else 1
+        if threads > 1:
+            list(_pool(threads).map(score, [jobs[i::threads] for i in range(threads)]))
+        else:
+            score(jobs)
         v, p = buf.view(B, tmax).topk(k, dim=1)
         cum = pos + sizes
         slot = torch.searchsorted(cum, p, right=True).clamp_max(nprobe - 1)
         r = self.offsets[probe.gather(1, slot)] + p - pos.gather(1, slot)
         return v, torch.where(torch.isinf(v), torch.full_like(r, -1), r)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="jointpq-cells")
+    return _POOLS[threads]
 
 
 def _byte_codebooks(codebooks: torch.Tensor, nbits: int) -> torch.Tensor:

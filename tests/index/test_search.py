@@ -134,3 +134,20 @@ def test_empty_cells_are_skipped(small_data):
     for strategy in ("cells", "pairs"):
         _, rows = TorchSearcher(skew, "cpu", strategy).search_rows(xq, 10, 3)
         assert ((rows >= 0).sum(1) <= 10).all()
+
+
+def test_cells_split_across_threads_match_pairs(small_data):
+    """Many probed cells: `cells` fans them out to a thread pool; results must not change."""
+    from index import build_ivfpq
+
+    xb, xq = small_data
+    index = build_ivfpq(xb, nlist=128, M=8, nbits=8, metric="l2", niter=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = TorchSearcher(index, "cpu", "cells").search_rows(xq, 10, 64)
+    finally:
+        torch.set_num_threads(before)
+    b = TorchSearcher(index, "cpu", "pairs").search_rows(xq, 10, 64)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-4)
+    assert (a[1] == b[1]).mean() > 0.99
