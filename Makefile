@@ -10,7 +10,6 @@ $(BIN)/activate:
 
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@

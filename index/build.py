@@ -100,10 +100,12 @@ def build_ivfpq(
     opq: bool = False,
     ids: Sequence[str] | None = None,
     seed: int = 0,
-    niter: int = 25,
+    niter: int | None = None,
     device: str | torch.device = "cpu",
 ) -> IVFPQ:
-    """Train and fill an IVF-PQ index from (n, d) vectors; item ids default to row numbers."""
+    """Train and fill an IVF-PQ index from (n, d) vectors; item ids default to row numbers.
+
+    `niter` overrides both k-means iteration counts (default: 10 coarse, 25 PQ, as Faiss)."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS}")
     if nbits not in NBITS:
@@ -121,10 +123,11 @@ def build_ivfpq(
     x = x.to(dev)
     R = train_opq(x, M, nbits, seed=seed) if opq else torch.eye(d, device=dev)
     xr = x @ R.T
-    C = kmeans(xr, nlist, niter=niter, seed=seed, metric="ip" if metric == "ip" else "l2")
+    # Faiss's defaults: 10 k-means iterations for the coarse quantizer, 25 for PQ codebooks
+    C = kmeans(xr, nlist, niter=niter or 10, seed=seed, metric="ip" if metric == "ip" else "l2")
     cells = assign_cells(xr, C, metric)
     res = xr - C[cells]
     sub = res.view(n, M, d // M).transpose(0, 1)  # (M, n, dsub)
-    P = kmeans(sub, K, niter=niter, seed=seed + 1)
+    P = kmeans(sub, K, niter=niter or 25, seed=seed + 1)
     codes = encode_pq(res, P)
     return assemble(metric, R, C, P, cells, codes, ids if ids is not None else [str(i) for i in range(n)], nbits)

@@ -48,6 +48,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--backend", default="auto", choices=("auto", "torch", "faiss"))
     s.set_defaults(func=_search)
 
+    e = sub.add_parser(
+        "faiss-export",
+        help="write an artifact's index as a Faiss index file",
+        epilog="example:\n  jointpq faiss-export --artifact artifacts/sift-v1 --out sift.faiss",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--artifact", required=True, type=Path)
+    e.add_argument("--out", required=True, type=Path, help="Faiss index file (labels are row numbers)")
+    e.add_argument("--fast-scan", action="store_true", help="IndexIVFPQFastScan (4-bit codes only)")
+    e.set_defaults(func=_faiss_export)
+
+    i = sub.add_parser(
+        "faiss-import",
+        help="turn a Faiss IVF-PQ index file into an artifact",
+        epilog="example:\n  jointpq faiss-import --index sift.faiss --out artifacts/sift-v2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("--index", required=True, type=Path, help="IndexIVFPQ, optionally behind OPQ/a rotation")
+    i.add_argument("--ids", type=Path, help="text file, the item id of Faiss label i on line i")
+    i.add_argument("--out", required=True, type=Path)
+    i.set_defaults(func=_faiss_import)
+
 
 def _build(args: argparse.Namespace) -> int:
     from . import build_ivfpq, resolve_device, write_artifact
@@ -104,4 +126,34 @@ def _search(args: argparse.Namespace) -> int:
     scores, ids = idx.search(read_vectors(args.queries), k=args.k, nprobe=args.nprobe)
     for s, i in zip(scores, ids, strict=True):
         print(json.dumps({"ids": i, "scores": [round(float(v), 6) for v in s]}))
+    return 0
+
+
+def _faiss_export(args: argparse.Namespace) -> int:
+    import faiss
+
+    from .artifact import IDS, read_artifact
+    from .faiss_interop import to_faiss
+
+    _, data = read_artifact(args.artifact)
+    faiss.write_index(to_faiss(data, fast_scan=args.fast_scan), str(args.out))
+    print(json.dumps({"faiss_index": str(args.out), "labels": "row numbers", "ids": str(args.artifact / IDS)}))
+    return 0
+
+
+def _faiss_import(args: argparse.Namespace) -> int:
+    import faiss
+
+    from .artifact import write_artifact
+    from .faiss_interop import from_faiss
+
+    if not args.index.is_file():
+        raise ValueError(f"{args.index}: no such file")
+    ids = args.ids.read_text(encoding="utf-8").splitlines() if args.ids else None
+    findex = faiss.read_index(str(args.index))
+    if ids is not None and len(ids) < findex.ntotal:
+        raise ValueError(f"{args.ids} has {len(ids)} ids, the index holds {findex.ntotal} vectors")
+    data = from_faiss(findex, ids=ids)
+    write_artifact(args.out, data, training={"mode": "faiss-import", "source": str(args.index)})
+    print(json.dumps({"artifact": str(args.out), "n_items": data.n, "nlist": data.nlist, "M": data.M}))
     return 0

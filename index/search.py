@@ -42,7 +42,8 @@ from .ivfpq import IVFPQ
 
 STRATEGIES = ("auto", "cells", "pairs")
 _BUF_ELEMS = 1 << 25  # per-chunk score buffer bound: 32M floats = 128 MB
-_PAIR_ELEMS = 1 << 20  # per-chunk candidate bound for `pairs` (x M int64 indices)
+_PAIR_ELEMS = 1 << 20  # per-chunk candidate bound for `pairs` (x M int32 indices)
+_LUT_ELEMS = 1 << 24  # per-chunk lookup tables: 64 MB, and B * M * 256 stays far below 2**31
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -133,10 +134,13 @@ class TorchSearcher:
         sizes = self.sizes[probe]  # (B, nprobe)
         totals = sizes.sum(1)
         tmax = int(totals.max())
+        if tmax == 0:  # every probed cell is empty
+            return self._finish(xq, out_s, out_r)
         strategy = self._pick_strategy(B, nprobe, probe)
         run = self._cells if strategy == "cells" else self._pairs
         budget = _BUF_ELEMS if strategy == "cells" else _PAIR_ELEMS
-        step = max(1, budget // max(tmax, 1))
+        # chunk the queries: bounded score buffer, bounded tables, int32 table indices in `pairs`
+        step = max(1, min(budget // tmax, _LUT_ELEMS // (self.Mv * 256)))
         for s in range(0, B, step):
             e = min(B, s + step)
             v, r = run(scale * xr[s:e], probe[s:e], cterm[s:e], sizes[s:e], min(k, tmax))

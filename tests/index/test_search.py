@@ -151,3 +151,19 @@ def test_cells_split_across_threads_match_pairs(small_data):
     b = TorchSearcher(index, "cpu", "pairs").search_rows(xq, 10, 64)
     np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-4)
     assert (a[1] == b[1]).mean() > 0.99
+
+
+def test_queries_whose_probed_cells_are_all_empty_get_no_hits(small_data, small_indexes):
+    import dataclasses
+
+    _, xq = small_data
+    index = small_indexes["ip", 8, False]
+    offsets = torch.full_like(index.offsets, index.n)
+    offsets[0] = 0
+    offsets[1] = index.n  # everything in cell 0; probe only the others
+    skew = dataclasses.replace(index, offsets=offsets)
+    searcher = TorchSearcher(skew, "cpu")
+    rank = torch.from_numpy(xq) @ skew.centroids.T
+    far = [q for q in range(len(xq)) if int(rank[q].argmax()) != 0]
+    scores, rows = searcher.search_rows(xq[far], 5, 1)
+    assert (rows == -1).all() and np.isneginf(scores).all()

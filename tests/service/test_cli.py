@@ -75,3 +75,37 @@ def test_demo_builds_once_and_searches(tmp_path):
     assert "built" in out.stdout and out.stdout.count("query ") == 5
     again = _jointpq("demo", "--artifact", str(tmp_path / "demo"), "--device", "cpu")
     assert again.returncode == 0 and "built" not in again.stdout
+
+
+def test_faiss_export_then_import_round_trips(tmp_path):
+    pytest.importorskip("faiss")
+    from index import load_index
+
+    np.save(tmp_path / "base.npy", clustered(2000, 16))
+    q = clustered(5, 16, seed=9)
+    assert (
+        _jointpq(
+            "build",
+            "--vectors",
+            str(tmp_path / "base.npy"),
+            "--out",
+            str(tmp_path / "a"),
+            "--nlist",
+            "8",
+            "--m",
+            "4",
+            "--opq",
+        ).returncode
+        == 0
+    )
+    out = _jointpq("faiss-export", "--artifact", str(tmp_path / "a"), "--out", str(tmp_path / "a.faiss"))
+    assert out.returncode == 0, out.stderr
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n".join(load_index(tmp_path / "a", backend="torch").ids.tolist()))  # Faiss label = row
+    out = _jointpq(
+        "faiss-import", "--index", str(tmp_path / "a.faiss"), "--ids", str(ids), "--out", str(tmp_path / "b")
+    )
+    assert out.returncode == 0, out.stderr
+    a = load_index(tmp_path / "a", backend="torch").search(q, k=10, nprobe=8)[1]
+    b = load_index(tmp_path / "b", backend="torch").search(q, k=10, nprobe=8)[1]
+    assert a == b
