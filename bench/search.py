@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from index import build_ivfpq, exact_search, load_index, make_searcher, write_artifact
 from index.artifact import IDS, _read_ids
 from index.vectors import read_vecs, read_vectors
+from service.demo import synthetic_clustered
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NPROBES = (1, 8, 32, 128)
@@ -56,25 +57,9 @@ def timed_qps(fn, nq: int, min_seconds: float = 1.0, repeats: int = 3) -> float:
     return best
 
 
-def synthetic(n: int, nq: int, d: int = 128, nclusters: int = 1024, intrinsic: int = 8, seed: int = 0):
-    """Seeded clustered set with low intrinsic dimension, so nearest neighbours mean something:
-    x = centre[c] + z W_c + 0.05 e, z ~ N(0, I_8), W_c a random (8, d) map per cluster, e ~ N(0, I_d).
-    (Isotropic Gaussian blobs in 128-d make every point of a blob nearly equidistant.)
-    Returns base (n, d) and queries (nq, d) from the same distribution."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((nclusters, d)).astype(np.float32) * 2
-    maps = rng.standard_normal((nclusters, intrinsic, d)).astype(np.float32) / np.sqrt(intrinsic)
-
-    def draw(m: int) -> np.ndarray:
-        out = np.empty((m, d), np.float32)
-        for s in range(0, m, 1 << 16):  # chunked: the (m, intrinsic, d) gather is large
-            c = rng.integers(0, nclusters, min(m - s, 1 << 16))
-            z = rng.standard_normal((len(c), intrinsic)).astype(np.float32)
-            noise = 0.05 * rng.standard_normal((len(c), d)).astype(np.float32)
-            out[s : s + len(c)] = centres[c] + np.einsum("mi,mid->md", z, maps[c]) + noise
-        return out
-
-    return draw(n), draw(nq)
+def synthetic(n: int, nq: int, d: int = 128, seed: int = 0):
+    """The seeded clustered set of `jointpq demo` (low intrinsic dimension), base and queries."""
+    return synthetic_clustered(n, nq, d=d, seed=seed)
 
 
 def set_threads(t: int) -> None:
