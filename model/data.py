@@ -37,6 +37,17 @@ class RetrievalData:
         judged = self.qrels[split]
         return {q: t for q, t in self.queries.items() if q in judged}
 
+    def subset(self, n_docs: int, seed: int = 0) -> RetrievalData:
+        """A smaller corpus that keeps every judged document plus random others up to `n_docs`
+        (so every qrel still points inside it): for quick runs and tests."""
+        import random
+
+        judged = {d for split in self.qrels.values() for docs in split.values() for d in docs}
+        others = [d for d in self.corpus if d not in judged]
+        keep = judged | set(random.Random(seed).sample(others, max(0, min(len(others), n_docs - len(judged)))))
+        corpus = {d: t for d, t in self.corpus.items() if d in keep}
+        return RetrievalData(self.path, corpus, dict(self.queries), {k: dict(v) for k, v in self.qrels.items()})
+
     def positives(self, split: str) -> dict[str, list[str]]:
         """qid -> relevant doc ids (score > 0) of `split`."""
         return {q: [d for d, s in docs.items() if s > 0] for q, docs in self.qrels[split].items()}

@@ -9,6 +9,7 @@ and `state_dict()` (safetensors) so an artifact can rebuild them without trainin
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import zlib
 from collections.abc import Sequence
@@ -171,3 +172,38 @@ def encoder_from_config(config: dict[str, Any], model_dir: str | Path | None = N
     if kind == "hashed":
         return HashedNgramEncoder(**{k: int(v) for k, v in config.items() if k != "kind"})
     raise ValueError(f"encoder kind {kind!r} is not one of {ENCODER_KINDS}")
+
+
+ENCODER_DIR = "encoder"
+
+
+def encoder_files(encoder: TextEncoder) -> dict[str, bytes]:
+    """The files that rebuild `encoder` inside an artifact: encoder/encoder.json (our config),
+    encoder/model.safetensors (weights) and, for MiniLM, the tokenizer and BERT config."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    files = {
+        f"{ENCODER_DIR}/encoder.json": json.dumps(encoder.config(), indent=2).encode(),
+        f"{ENCODER_DIR}/model.safetensors": save(state),
+    }
+    if isinstance(encoder, MiniLMEncoder):
+        for name in ("tokenizer.json", "config.json"):
+            files[f"{ENCODER_DIR}/{name}"] = (encoder.model_dir / name).read_bytes()
+    return files
+
+
+def load_encoder(artifact: str | Path) -> TextEncoder:
+    """Rebuild the query encoder stored in an artifact directory (already verified by the index core)."""
+    from safetensors.torch import load_file
+
+    root = Path(artifact) / ENCODER_DIR
+    cfg_path = root / "encoder.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{artifact}: holds no query encoder ({ENCODER_DIR}/encoder.json missing)")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    encoder = encoder_from_config(config, model_dir=root)
+    if config.get("kind") == "hashed":  # MiniLM already read its weights from model_dir
+        encoder.load_state_dict(load_file(str(root / "model.safetensors")))
+    encoder.eval()
+    return encoder

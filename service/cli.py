@@ -7,6 +7,7 @@ import sys
 
 from index import JointPQError
 from index import cli as index_cli
+from model import cli as model_cli
 
 from . import demo
 
@@ -15,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jointpq", description="Jointly learned IVF-PQ retrieval: build, search, serve.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     index_cli.add_commands(sub)
+    model_cli.add_commands(sub)
     demo.add_command(sub)
     return p
 

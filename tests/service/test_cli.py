@@ -109,3 +109,36 @@ def test_faiss_export_then_import_round_trips(tmp_path):
     a = load_index(tmp_path / "a", backend="torch").search(q, k=10, nprobe=8)[1]
     b = load_index(tmp_path / "b", backend="torch").search(q, k=10, nprobe=8)[1]
     assert a == b
+
+
+def test_train_then_eval_json(tmp_path):
+    from tests.conftest import shared
+
+    data = str(shared("scifact"))
+    out = _jointpq(
+        "train",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "a"),
+        "--max-docs",
+        "800",
+        "--epochs",
+        "2",
+        "--nlist",
+        "8",
+        "--m",
+        "8",
+        "--max-seconds",
+        "5",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1])["steps"] > 0
+    out = _jointpq(
+        "eval", "--artifact", str(tmp_path / "a"), "--data", data, "--max-docs", "800", "--nprobe", "1", "8", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["nprobe"] for r in rows] == [1, 8]
+    assert set(rows[0]) == {"nprobe", "recall@10", "recall@100", "ndcg@10", "mrr@10"}
+    assert all(0 <= r[k] <= 1 for r in rows for k in r if k != "nprobe")

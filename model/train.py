@@ -1,0 +1,212 @@
+"""One trainer, two modes (see design.md and the joint-training issue).
+
+* ``poeem``: query tower, item tower and the IndexingLayer end to end. Items pass through the
+  layer in the forward pass (straight-through); loss = in-batch softmax with hard negatives +
+  distortion. The layer runs unquantized for `warmup_steps`, then is warm-started by k-means on
+  item embeddings, then quantizes; R takes a Givens step after every optimiser step.
+* ``jpq``: item embeddings fixed (the pretrained item encoder, computed once), index initialised
+  by the two-step builder (OPQ + IVF-PQ); the query encoder and the PQ centroids (not the
+  assignments) learn with a LambdaRank-weighted pairwise loss on scores against PQ-reconstructed
+  items, with hard negatives retrieved from the current PQ index each epoch.
+
+Both end with `IndexingLayer.to_ivfpq` / the trained index and write a complete artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index import TorchSearcher, exact_search, resolve_device, write_artifact
+from index.ivfpq import IVFPQ
+
+from .data import RetrievalData
+from .encoders import HashedNgramEncoder, MiniLMEncoder, TextEncoder, encoder_files
+from .layer import IndexingLayer
+from .losses import contrastive
+
+MODES = ("poeem", "jpq")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters; every field lands in the artifact's manifest."""
+
+    mode: str = "poeem"
+    encoder: str = "hashed"  # "hashed" (from scratch, seconds) or "minilm" (pretrained)
+    shared_towers: bool = True  # one encoder for queries and items: small data favours it
+    dim: int = 128  # hashed encoder output width (MiniLM: 384)
+    M: int = 16
+    nlist: int = 64
+    nbits: int = 8
+    metric: str = "ip"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 5e-3
+    rotation: bool = True  # learn R by Givens steps (ablation: False)
+    rotation_lr: float = 1e-3
+    warm_start: bool = True  # ablation: False = random codebooks from the first batch
+    warmup_steps: int = 40  # unquantized steps before the warm start (Poeem: 1024)
+    warm_items: int = 8192  # items encoded for the warm-start k-means (Poeem: 8192)
+    hard_negatives: int = 1  # per query, mined from the current index each epoch
+    hard_pool: int = 50  # mine among the top-`hard_pool` retrieved, positives excluded
+    distortion_weight: float = 1.0
+    temperature: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    max_seconds: float | None = None  # stop early after this much training time
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_encoder(cfg: TrainConfig) -> TextEncoder:
+    if cfg.encoder == "minilm":
+        return MiniLMEncoder()
+    if cfg.encoder == "hashed":
+        return HashedNgramEncoder(dim=cfg.dim)
+    raise ValueError(f"encoder {cfg.encoder!r} is not one of ('hashed', 'minilm')")
+
+
+@dataclass
+class TrainResult:
+    query_encoder: TextEncoder
+    item_encoder: TextEncoder
+    index: IVFPQ
+    history: list[dict[str, float]]
+    timings: dict[str, float]
+
+
+def _pairs(data: RetrievalData, split: str) -> list[tuple[str, str]]:
+    return [(q, d) for q, docs in data.qrels[split].items() for d, s in docs.items() if s > 0]
+
+
+def mine_hard_negatives(
+    q_emb, index: IVFPQ | None, d_emb, qids, positives, doc_ids, pool: int, nprobe: int
+) -> dict[str, list[str]]:
+    """qid -> doc ids ranked in the top `pool` by the current index (or exact search before the
+    warm start) that are not positives: the confusions the model must learn to separate."""
+    if index is not None:
+        _, rows = TorchSearcher(index, "cpu").search_rows(q_emb, pool, nprobe)
+        ranked = [[index.ids[r] for r in row if r >= 0] for row in rows]
+    else:
+        _, rows = exact_search(q_emb, d_emb, pool, "ip", device="cpu")
+        ranked = [[doc_ids[r] for r in row if r >= 0] for row in rows]
+    return {q: [d for d in r if d not in positives[q]] for q, r in zip(qids, ranked, strict=True)}
+
+
+def train_poeem(data: RetrievalData, cfg: TrainConfig, split: str = "train", progress: bool = True) -> TrainResult:
+    """Poeem: both towers and the indexing layer trained end to end."""
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    item_enc = make_encoder(cfg).to(dev)
+    query_enc = item_enc if cfg.shared_towers else copy.deepcopy(item_enc)
+    layer = IndexingLayer(item_enc.dim, cfg.nlist, cfg.M, cfg.nbits, cfg.metric, rotation=cfg.rotation).to(dev)
+    params = list({id(p): p for p in [*item_enc.parameters(), *query_enc.parameters(), *layer.parameters()]}.values())
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    pairs = _pairs(data, split)
+    doc_ids = list(data.corpus)
+    doc_texts = [data.corpus[d] for d in doc_ids]
+    positives = {q: set(docs) for q, docs in data.positives(split).items()}
+    qids = sorted(positives)
+    rng = random.Random(cfg.seed)
+    history, step, hard = [], 0, {}
+    t0 = time.perf_counter()
+    stop = False
+    for epoch in range(cfg.epochs):
+        if cfg.hard_negatives:  # mine from the current model (index once quantized)
+            q_emb = query_enc.encode([data.queries[q] for q in qids])
+            d_emb = item_enc.encode(doc_texts)
+            index = layer.to_ivfpq(d_emb, doc_ids) if bool(layer.initialized) else None
+            hard = mine_hard_negatives(q_emb, index, d_emb, qids, positives, doc_ids, cfg.hard_pool, cfg.nlist)
+        rng.shuffle(pairs)
+        bar = tqdm(
+            range(0, len(pairs) - cfg.batch_size + 1, cfg.batch_size), desc=f"epoch {epoch + 1}", disable=not progress
+        )
+        for s in bar:
+            batch = pairs[s : s + cfg.batch_size]
+            if not bool(layer.initialized) and step >= cfg.warmup_steps:
+                _warm_start(layer, item_enc, doc_texts, cfg, rng)
+            negs = [rng.choice(hard[q]) for q, _ in batch for _ in range(cfg.hard_negatives) if hard.get(q)]
+            q = query_enc.embed([data.queries[qid] for qid, _ in batch])
+            items, distortion = layer(
+                item_enc.embed([data.corpus[d] for _, d in batch] + [data.corpus[d] for d in negs])
+            )
+            loss_r = contrastive(q, items[: len(batch)], items[len(batch) :], cfg.temperature)
+            loss = loss_r + cfg.distortion_weight * distortion
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            layer.rotation_step(cfg.rotation_lr)
+            history.append(
+                {"step": step, "loss": loss.item(), "retrieval": loss_r.item(), "distortion": distortion.item()}
+            )
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            step += 1
+            if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+                stop = True
+                break
+        if stop:
+            break
+    if not bool(layer.initialized):
+        _warm_start(layer, item_enc, doc_texts, cfg, rng)
+    train_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
+    t2 = time.perf_counter()
+    index = layer.to_ivfpq(d_emb, doc_ids)  # indexing: one forward pass of the layer
+    timings = {
+        "train_seconds": train_seconds,
+        "encode_items_seconds": t2 - t1,
+        "index_seconds": time.perf_counter() - t2,
+    }
+    return TrainResult(query_enc.eval(), item_enc.eval(), index, history, timings)
+
+
+def _warm_start(
+    layer: IndexingLayer, item_enc: TextEncoder, doc_texts: list[str], cfg: TrainConfig, rng: random.Random
+) -> None:
+    """k-means init from the current item embeddings (a sample of the corpus), or, for the
+    no-warm-start ablation, codebooks drawn from random items (dead codewords expected)."""
+    sample = rng.sample(doc_texts, min(len(doc_texts), cfg.warm_items))
+    x = item_enc.encode(sample)
+    if cfg.warm_start:
+        layer.warm_start(x, seed=cfg.seed)
+        return
+    with torch.no_grad():  # ablation: no k-means, a random item for each codeword
+        gen = torch.Generator().manual_seed(cfg.seed)
+        layer.centroids.copy_(x[torch.randint(len(x), (layer.nlist,), generator=gen)])
+        res = (x - layer.centroids[torch.randint(layer.nlist, (len(x),), generator=gen)]).view(len(x), layer.M, -1)
+        layer.codebooks.copy_(res[torch.randint(len(x), (layer.K,), generator=gen)].transpose(0, 1))
+        layer.initialized.fill_(True)
+
+
+def write_trained_artifact(
+    out: str | Path, result: TrainResult, cfg: TrainConfig, data_path: str, metrics: dict | None = None
+) -> Path:
+    """Query encoder + index + ids as one artifact; the manifest records how it was made."""
+    training = {
+        "mode": cfg.mode,
+        "data": data_path,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+        "seed": cfg.seed,
+        "timings": result.timings,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "steps": len(result.history),
+        "metrics": metrics or {},
+        "query_encoder": result.query_encoder.config(),
+    }
+    return write_artifact(out, result.index, training=training, extra_files=encoder_files(result.query_encoder))
