@@ -37,6 +37,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--no-rotation", action="store_true", help="ablation: keep R = I")
     p.add_argument("--no-warm-start", action="store_true", help="ablation: random codebooks")
+    p.add_argument("--item-embeddings", type=Path, help="jpq: (n, d) .npy of precomputed item embeddings")
+    p.add_argument("--item-ids", type=Path, help="jpq: JSON list of the doc id of each --item-embeddings row")
     p.add_argument("--max-docs", type=int, help="train on a corpus subset of this size (judged docs kept)")
     p.add_argument("--max-seconds", type=float, help="stop training after this long")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -64,10 +66,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .data import load_beir
     from .evaluate import evaluate
-    from .train import TrainConfig, train_poeem, write_trained_artifact
+    from .train import TrainConfig, train_jpq, train_poeem, write_trained_artifact
 
-    if args.mode == "jpq":
-        raise ValueError("--mode jpq is not implemented yet (joint-training issue, in progress); use --mode poeem")
     data = load_beir(args.data)
     if args.max_docs:
         data = data.subset(args.max_docs, seed=args.seed)
@@ -87,7 +87,10 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         max_seconds=args.max_seconds,
     )
-    result = train_poeem(data, cfg)
+    if args.mode == "jpq":
+        result = train_jpq(data, cfg, item_embeddings=_item_embeddings(args, list(data.corpus)))
+    else:
+        result = train_poeem(data, cfg)
     from index import make_searcher
     from index.loader import Index
 
@@ -97,6 +100,28 @@ def _train(args: argparse.Namespace) -> int:
     write_trained_artifact(args.out, result, cfg, str(args.data), metrics={split: rows})
     print(json.dumps({"artifact": str(args.out), "steps": len(result.history), **result.timings, **rows[0]}))
     return 0
+
+
+def _item_embeddings(args: argparse.Namespace, doc_ids: list[str]):
+    """Rows of --item-embeddings in corpus order (via --item-ids when given), or None."""
+    if not args.item_embeddings:
+        return None
+    import numpy as np
+    import torch
+
+    x = np.load(args.item_embeddings, allow_pickle=False)
+    if args.item_ids:
+        ids = json.loads(args.item_ids.read_text(encoding="utf-8"))
+        if len(ids) != len(x):
+            raise ValueError(f"{args.item_ids} has {len(ids)} ids for {len(x)} rows of {args.item_embeddings}")
+        row = {d: i for i, d in enumerate(ids)}
+        missing = [d for d in doc_ids if d not in row]
+        if missing:
+            raise ValueError(f"{args.item_embeddings}: no row for {len(missing)} corpus docs, e.g. {missing[0]!r}")
+        x = x[[row[d] for d in doc_ids]]
+    elif len(x) != len(doc_ids):
+        raise ValueError(f"{args.item_embeddings} has {len(x)} rows for {len(doc_ids)} docs (pass --item-ids)")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def _eval(args: argparse.Namespace) -> int:

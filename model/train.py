@@ -49,7 +49,9 @@ class TrainConfig:
     metric: str = "ip"
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 5e-3
+    lr: float = 5e-3  # encoder(s); use ~5e-6 to fine-tune MiniLM (JPQ's setting)
+    codebook_lr: float = 1e-4  # jpq: PQ centroids (JPQ: 5e-6 at M 16/24 up to 1e-4 at M >= 48)
+    negatives: int = 32  # jpq: hard negatives per query from the current index's top `hard_pool`
     rotation: bool = True  # learn R by Givens steps (ablation: False)
     rotation_lr: float = 1e-3
     warm_start: bool = True  # ablation: False = random codebooks from the first batch
@@ -210,3 +212,117 @@ def write_trained_artifact(
         "query_encoder": result.query_encoder.config(),
     }
     return write_artifact(out, result.index, training=training, extra_files=encoder_files(result.query_encoder))
+
+
+def train_jpq(
+    data: RetrievalData,
+    cfg: TrainConfig,
+    split: str = "train",
+    item_embeddings: torch.Tensor | None = None,
+    encoder: TextEncoder | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """JPQ: fixed item embeddings indexed by OPQ + IVF-PQ; train the query encoder and the PQ
+    codebooks with the LambdaRank-weighted pairwise loss against PQ-reconstructed items, hard
+    negatives retrieved from the current index each epoch (missed positives appended).
+
+    `encoder` is the pretrained encoder (default: `make_encoder(cfg)`); `item_embeddings` (n, d)
+    in corpus order skip encoding the corpus with it (e.g. a cache)."""
+    from tqdm.auto import tqdm
+
+    from index import build_ivfpq
+
+    from .losses import lambda_pairwise
+
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    item_enc = encoder if encoder is not None else make_encoder(cfg)
+    query_enc = copy.deepcopy(item_enc).to(dev).train()
+    doc_ids = list(data.corpus)
+    t0 = time.perf_counter()
+    if item_embeddings is None:
+        item_embeddings = item_enc.encode([data.corpus[d] for d in doc_ids], progress=progress, desc="encode items")
+    if item_embeddings.shape != (len(doc_ids), item_enc.dim):
+        raise ValueError(
+            f"item embeddings are {tuple(item_embeddings.shape)}, expected ({len(doc_ids)}, {item_enc.dim})"
+        )
+    t1 = time.perf_counter()
+    base = build_ivfpq(
+        item_embeddings,
+        nlist=cfg.nlist,
+        M=cfg.M,
+        nbits=cfg.nbits,
+        metric=cfg.metric,
+        opq=True,
+        ids=doc_ids,
+        seed=cfg.seed,
+    )
+    build_seconds = time.perf_counter() - t1
+    # fixed: rotation, centroids, assignments; trained: the codebooks and the query encoder
+    R, C = base.rotation.to(dev), base.centroids.to(dev)
+    codes, cells = base.unpacked_codes().long().to(dev), base.cells().to(dev)
+    row_of = {d: r for r, d in enumerate(base.ids)}
+    P = torch.nn.Parameter(base.codebooks.clone().to(dev))
+    opt = torch.optim.AdamW([{"params": query_enc.parameters(), "lr": cfg.lr}, {"params": [P], "lr": cfg.codebook_lr}])
+    positives = {q: set(docs) for q, docs in data.positives(split).items()}
+    qids = sorted(positives)
+    rng = random.Random(cfg.seed)
+    history: list[dict[str, float]] = []
+    pool = cfg.hard_pool
+
+    def current_index() -> IVFPQ:
+        from dataclasses import replace
+
+        return replace(base, codebooks=P.detach().cpu().clone())
+
+    def reconstruct(rows: torch.Tensor) -> torch.Tensor:  # (..., ) rows -> (..., d) x_hat' rotated
+        parts = P[torch.arange(cfg.M, device=dev), codes[rows]]  # (..., M, dsub)
+        return C[cells[rows]] + parts.reshape(*rows.shape, -1)
+
+    t2 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        q_emb = query_enc.encode([data.queries[q] for q in qids])
+        _, ranked_rows = TorchSearcher(current_index(), "cpu").search_rows(q_emb, pool, cfg.nlist)
+        cands = {}
+        for q, rows in zip(qids, ranked_rows, strict=True):
+            rows = [int(r) for r in rows if r >= 0]
+            pos_rows = {row_of[d] for d in positives[q]}
+            rank = {r: i + 1 for i, r in enumerate(rows)}
+            negs = [r for r in rows if r not in pos_rows][: cfg.negatives]
+            cands[q] = ([(r, rank.get(r, pool + 1)) for r in pos_rows], [(r, rank[r]) for r in negs])
+        order = list(qids)
+        rng.shuffle(order)
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"jpq epoch {epoch + 1}", disable=not progress)
+        for s in bar:
+            batch = [q for q in order[s : s + cfg.batch_size] if cands[q][1]]
+            if not batch:
+                continue
+            pos = [rng.choice(cands[q][0]) for q in batch]
+            n_neg = min(len(cands[q][1]) for q in batch)
+            negs = [cands[q][1][:n_neg] for q in batch]
+            qr = query_enc.embed([data.queries[q] for q in batch]) @ R.T  # (B, d) rotated
+            pos_rows = torch.tensor([r for r, _ in pos], device=dev)
+            neg_rows = torch.tensor([[r for r, _ in n] for n in negs], device=dev)  # (B, N)
+            s_pos = (qr * reconstruct(pos_rows)).sum(-1)
+            s_neg = (qr[:, None, :] * reconstruct(neg_rows)).sum(-1)
+            loss = lambda_pairwise(
+                s_pos,
+                s_neg,
+                torch.tensor([k for _, k in pos], device=dev),
+                torch.tensor([[k for _, k in n] for n in negs], device=dev),
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append({"step": len(history), "loss": loss.item(), "retrieval": loss.item(), "distortion": 0.0})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if cfg.max_seconds and time.perf_counter() - t2 > cfg.max_seconds:
+                break
+        if cfg.max_seconds and time.perf_counter() - t2 > cfg.max_seconds:
+            break
+    timings = {
+        "train_seconds": time.perf_counter() - t2,
+        "encode_items_seconds": t1 - t0,
+        "index_seconds": build_seconds,
+    }
+    return TrainResult(query_enc.eval(), item_enc.eval(), current_index(), history, timings)
