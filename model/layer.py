@@ -156,11 +156,13 @@ class IndexingLayer(nn.Module):
 
     # -- indexing -------------------------------------------------------------------------------
     @torch.no_grad()
-    def to_ivfpq(self, items: torch.Tensor, ids: list[str]) -> IVFPQ:
+    def to_ivfpq(self, items: torch.Tensor, ids: list[str], progress: bool = False) -> IVFPQ:
         """Index (n, d) item embeddings: rotate, assign, encode, sort by cell. One forward pass."""
+        from tqdm.auto import tqdm
+
         R = self.rotation.float()
         cells, codes = [], []
-        for s in range(0, len(items), 1 << 16):
+        for s in tqdm(range(0, len(items), 1 << 16), desc="index items", disable=not progress, unit="chunk"):
             xr = items[s : s + (1 << 16)].to(R.device).float() @ R.T
             _, c, j = self.quantize(xr)
             cells.append(c.cpu())

@@ -169,7 +169,7 @@ def train_poeem(data: RetrievalData, cfg: TrainConfig, split: str = "train", pro
     t1 = time.perf_counter()
     d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
     t2 = time.perf_counter()
-    index = layer.to_ivfpq(d_emb, doc_ids)  # indexing: one forward pass of the layer
+    index = layer.to_ivfpq(d_emb, doc_ids, progress=progress)  # indexing: one forward pass of the layer
     timings = {
         "train_seconds": train_seconds,
         "encode_items_seconds": t2 - t1,
