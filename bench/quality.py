@@ -1,0 +1,163 @@
+"""Quality benchmark on SciFact (BEIR test, 300 queries): jointly learned index vs two-step.
+
+Rows, at M = 8 / 16 / 48 bytes per item (384-d all-MiniLM-L6-v2), nlist 64, an nprobe sweep:
+exact float search with the off-the-shelf encoder; two-step with our builder (OPQ + IVF-PQ);
+two-step with Faiss (OPQ + IndexIVFPQ); `jpq`. (`poeem` and its ablations: to come, see the
+joint-training issue.) Item embeddings come from the shared MiniLM cache, which the test suite
+proves our encoder reproduces (cosine > 0.999). Also: indexing time of our forward-pass indexing
+vs Faiss OPQ + IVF-PQ train + add, on SciFact and on a synthetic 1M corpus.
+
+    python bench/quality.py [--m 8 16 48] [--seeds 0 1 2] [--jpq-epochs 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from index import build_ivfpq, exact_search, make_searcher
+from index.loader import Index
+from model.data import load_beir
+from model.evaluate import evaluate, metrics
+from model.layer import IndexingLayer
+from model.train import TrainConfig, train_jpq
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+NLIST = 64
+
+
+class Cached:
+    """A 'query encoder' that returns the cached MiniLM query embeddings (exact and two-step rows)."""
+
+    def __init__(self, texts_to_rows: dict[str, int], emb: np.ndarray):
+        self.rows, self.emb = texts_to_rows, emb
+
+    def encode(self, texts):
+        return torch.from_numpy(self.emb[[self.rows[t] for t in texts]])
+
+
+def faiss_two_step(xb: np.ndarray, M: int, seed: int):
+    import faiss
+
+    index = faiss.index_factory(xb.shape[1], f"OPQ{M},IVF{NLIST},PQ{M}", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.do_polysemous_training = False
+    ivf.cp.seed = ivf.pq.cp.seed = seed + 1234
+    t0 = time.perf_counter()
+    index.train(xb)
+    index.add(xb)
+    return index, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int, nargs="+", default=[8, 16, 48])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--jpq-epochs", type=int, default=2)
+    p.add_argument("--synthetic", type=int, default=1_000_000, help="items for the indexing-time row (0: skip)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    def emit(row: dict) -> None:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        elif "ndcg@10" in row:
+            print(
+                f"{row['engine']:<22} M={row['M']!s:<3} seed={row['seed']!s:<4} nprobe={row['nprobe']!s:<4} "
+                f"nDCG@10={row['ndcg@10']:.4f} R@100={row['recall@100']:.4f} R@10={row['recall@10']:.4f} "
+                f"MRR@10={row['mrr@10']:.4f}",
+                flush=True,
+            )
+        else:
+            print("# " + json.dumps(row), flush=True)
+
+    data = load_beir(SCIFACT)
+    cache = SCIFACT / "minilm-l6-v2"
+    doc_ids = json.loads((cache / "corpus_ids.json").read_text())
+    q_ids = json.loads((cache / "queries_ids.json").read_text())
+    assert doc_ids == list(data.corpus) and q_ids == list(data.queries)
+    xb = np.load(cache / "corpus.npy")
+    xq = np.load(cache / "queries.npy")
+    cached = Cached({data.queries[q]: i for i, q in enumerate(q_ids)}, xq)
+    qrels = data.qrels["test"]
+    test_q = [q for q in q_ids if q in qrels]
+
+    _, rows = exact_search(cached.encode([data.queries[q] for q in test_q]), xb, 100, "ip", device="cpu")
+    exact = metrics([[doc_ids[r] for r in row] for row in rows], [qrels[q] for q in test_q])
+    emit({"engine": "exact float", "M": 1536, "seed": None, "nprobe": None, **exact})
+
+    for M in args.m:
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            ours = build_ivfpq(xb, nlist=NLIST, M=M, metric="ip", opq=True, ids=doc_ids, seed=seed)
+            emit(
+                {"event": "build", "engine": "two-step ours", "M": M, "seed": seed, "seconds": time.perf_counter() - t0}
+            )
+            idx = Index(None, None, ours, make_searcher(ours, "cpu", "torch"))
+            for r in evaluate(cached, idx, data, "test", args.nprobe):
+                emit({"engine": "two-step ours (OPQ)", "M": M, "seed": seed, **r})
+            fidx, took = faiss_two_step(xb, M, seed)
+            emit({"event": "build", "engine": "two-step Faiss", "M": M, "seed": seed, "seconds": took})
+            import faiss
+
+            for nprobe in args.nprobe:
+                params = faiss.SearchParametersPreTransform(index_params=faiss.SearchParametersIVF(nprobe=nprobe))
+                _, I = fidx.search(cached.encode([data.queries[q] for q in test_q]).numpy(), 100, params=params)  # noqa: E741
+                m = metrics([[doc_ids[r] for r in row if r >= 0] for row in I], [qrels[q] for q in test_q])
+                emit({"engine": "two-step Faiss (OPQ)", "M": M, "seed": seed, "nprobe": nprobe, **m})
+            cfg = TrainConfig(
+                mode="jpq",
+                encoder="minilm",
+                M=M,
+                nlist=NLIST,
+                epochs=args.jpq_epochs,
+                lr=5e-6,
+                codebook_lr=1e-4,
+                batch_size=32,
+                seed=seed,
+            )
+            res = train_jpq(data, cfg, item_embeddings=torch.from_numpy(xb), progress=False)
+            emit({"event": "train", "engine": "jpq", "M": M, "seed": seed, **res.timings})
+            idx = Index(None, None, res.index, make_searcher(res.index, "cpu", "torch"))
+            for r in evaluate(res.query_encoder, idx, data, "test", args.nprobe):
+                emit({"engine": "jpq", "M": M, "seed": seed, **r})
+
+    # indexing time: forward pass of a trained layer vs Faiss OPQ + IVF-PQ train + add
+    sets = [("scifact", xb)]
+    if args.synthetic:
+        from service.demo import synthetic_clustered
+
+        sets.append((f"synthetic-{args.synthetic}", synthetic_clustered(args.synthetic, 1, d=384, seed=0)[0]))
+    for name, x in sets:
+        for M in args.m:
+            layer = IndexingLayer(x.shape[1], NLIST, M, 8, "ip")
+            layer.warm_start(torch.from_numpy(x[:20000]), niter=10)  # stands in for a trained layer
+            t0 = time.perf_counter()
+            layer.to_ivfpq(torch.from_numpy(x), [str(i) for i in range(len(x))])
+            ours = time.perf_counter() - t0
+            _, faiss_s = faiss_two_step(x, M, 0)
+            emit(
+                {
+                    "event": "indexing",
+                    "data": name,
+                    "n": len(x),
+                    "M": M,
+                    "forward_pass_seconds": ours,
+                    "faiss_train_add_seconds": faiss_s,
+                    "speedup": faiss_s / ours,
+                }
+            )
+
+
+if __name__ == "__main__":
+    main()
