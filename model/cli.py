@@ -27,7 +27,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("poeem", "jpq"), default=d.mode)
     p.add_argument("--data", required=True, type=Path, help="BEIR directory (corpus, queries, qrels/)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
-    p.add_argument("--encoder", choices=("hashed", "minilm"), default=d.encoder)
+    p.add_argument(
+        "--encoder",
+        choices=("hashed", "minilm", "minilm-head"),
+        default=d.encoder,
+        help="hashed: from scratch; minilm: fine-tune MiniLM; minilm-head: frozen MiniLM + trainable head",
+    )
     p.add_argument("--separate-towers", action="store_true", help="separate query and item encoders")
     p.add_argument("--m", type=int, default=d.M, help="PQ subspaces (bytes per item at 8 bits)")
     p.add_argument("--nlist", type=int, default=d.nlist)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-ENCODER_KINDS = ("minilm", "hashed")
+ENCODER_KINDS = ("minilm", "hashed", "head")
 
 
 class TextEncoder(nn.Module):
@@ -78,7 +78,7 @@ class MiniLMEncoder(TextEncoder):
 
     kind = "minilm"
 
-    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256):
+    def __init__(self, model_dir: str | Path | None = None, max_length: int = 256, weights: bool = True):
         super().__init__()
         from tokenizers import Tokenizer
         from transformers import BertConfig, BertModel
@@ -90,6 +90,9 @@ class MiniLMEncoder(TextEncoder):
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest in the batch
         bert_config = BertConfig.from_json_file(str(model_dir / "config.json"))
         self.bert = BertModel(bert_config, add_pooling_layer=False)
+        self.dim = bert_config.hidden_size
+        if not weights:  # the caller loads a full state dict (e.g. from an artifact)
+            return
         from safetensors.torch import load_file
 
         state = {k.removeprefix("bert."): v for k, v in load_file(str(model_dir / "model.safetensors")).items()}
@@ -98,7 +101,6 @@ class MiniLMEncoder(TextEncoder):
         unexpected = [k for k in unexpected if not k.startswith("pooler.") and "position_ids" not in k]
         if missing or unexpected:
             raise ValueError(f"{model_dir / 'model.safetensors'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.dim = bert_config.hidden_size
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         enc = self.tokenizer.encode_batch(list(texts))
@@ -164,6 +166,41 @@ class HashedNgramEncoder(TextEncoder):
         }
 
 
+class HeadEncoder(TextEncoder):
+    """A frozen pretrained base plus a trainable residual linear head, out = norm(x + W x + b),
+    W = 0 and b = 0 at the start (identity). It lets Poeem train both towers and the index end to
+    end on a CPU: the base's embeddings are memoised per text (frozen, eval mode), so a training
+    step costs a matmul, not a transformer pass. `memo` can be pre-filled from a cache."""
+
+    kind = "head"
+
+    def __init__(self, base: TextEncoder, memo: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.base, self.dim = base.requires_grad_(False).eval(), base.dim
+        self.head = nn.Linear(self.dim, self.dim)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.memo = memo if memo is not None else {}
+
+    def train(self, mode: bool = True) -> HeadEncoder:
+        super().train(mode)
+        self.base.eval()  # frozen: no dropout, memoised outputs stay valid
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        todo = list(dict.fromkeys(t for t in texts if t not in self.memo))
+        if todo:
+            for t, e in zip(todo, self.base.encode(todo), strict=True):
+                self.memo[t] = e
+        return {"base": torch.stack([self.memo[t] for t in texts])}
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        return F.normalize(base + self.head(base), dim=-1)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim, "base": self.base.config()}
+
+
 def encoder_from_config(config: dict[str, Any], model_dir: str | Path | None = None) -> TextEncoder:
     """Rebuild an encoder (untrained weights for `hashed`, pretrained for `minilm`) from `config()`."""
     kind = config.get("kind")
@@ -171,6 +208,13 @@ def encoder_from_config(config: dict[str, Any], model_dir: str | Path | None = N
         return MiniLMEncoder(model_dir, max_length=int(config.get("max_length", 256)))
     if kind == "hashed":
         return HashedNgramEncoder(**{k: int(v) for k, v in config.items() if k != "kind"})
+    if kind == "head":  # weights come with the caller's state dict (the artifact's)
+        base_cfg = config.get("base") or {}
+        if base_cfg.get("kind") == "minilm":
+            base: TextEncoder = MiniLMEncoder(model_dir, int(base_cfg.get("max_length", 256)), weights=False)
+        else:
+            base = encoder_from_config(base_cfg, model_dir)
+        return HeadEncoder(base)
     raise ValueError(f"encoder kind {kind!r} is not one of {ENCODER_KINDS}")
 
 
@@ -187,9 +231,10 @@ def encoder_files(encoder: TextEncoder) -> dict[str, bytes]:
         f"{ENCODER_DIR}/encoder.json": json.dumps(encoder.config(), indent=2).encode(),
         f"{ENCODER_DIR}/model.safetensors": save(state),
     }
-    if isinstance(encoder, MiniLMEncoder):
+    base = encoder.base if isinstance(encoder, HeadEncoder) else encoder
+    if isinstance(base, MiniLMEncoder):
         for name in ("tokenizer.json", "config.json"):
-            files[f"{ENCODER_DIR}/{name}"] = (encoder.model_dir / name).read_bytes()
+            files[f"{ENCODER_DIR}/{name}"] = (base.model_dir / name).read_bytes()
     return files
 
 
@@ -203,7 +248,7 @@ def load_encoder(artifact: str | Path) -> TextEncoder:
         raise ValueError(f"{artifact}: holds no query encoder ({ENCODER_DIR}/encoder.json missing)")
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     encoder = encoder_from_config(config, model_dir=root)
-    if config.get("kind") == "hashed":  # MiniLM already read its weights from model_dir
+    if config.get("kind") in ("hashed", "head"):  # MiniLM alone already read its weights from model_dir
         encoder.load_state_dict(load_file(str(root / "model.safetensors")))
     encoder.eval()
     return encoder

@@ -28,7 +28,7 @@ from index import TorchSearcher, exact_search, resolve_device, write_artifact
 from index.ivfpq import IVFPQ
 
 from .data import RetrievalData
-from .encoders import HashedNgramEncoder, MiniLMEncoder, TextEncoder, encoder_files
+from .encoders import HashedNgramEncoder, HeadEncoder, MiniLMEncoder, TextEncoder, encoder_files
 from .layer import IndexingLayer
 from .losses import contrastive
 
@@ -73,12 +73,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_encoder(cfg: TrainConfig) -> TextEncoder:
+def make_encoder(cfg: TrainConfig, memo: dict[str, torch.Tensor] | None = None) -> TextEncoder:
+    """The configured encoder; `minilm-head` is frozen MiniLM + a trainable head (`memo`: text -> cached embedding)."""
     if cfg.encoder == "minilm":
         return MiniLMEncoder()
+    if cfg.encoder == "minilm-head":
+        return HeadEncoder(MiniLMEncoder(), memo)
     if cfg.encoder == "hashed":
         return HashedNgramEncoder(dim=cfg.dim)
-    raise ValueError(f"encoder {cfg.encoder!r} is not one of ('hashed', 'minilm')")
+    raise ValueError(f"encoder {cfg.encoder!r} is not one of ('hashed', 'minilm', 'minilm-head')")
 
 
 @dataclass
@@ -108,14 +111,26 @@ def mine_hard_negatives(
     return {q: [d for d in r if d not in positives[q]] for q, r in zip(qids, ranked, strict=True)}
 
 
-def train_poeem(data: RetrievalData, cfg: TrainConfig, split: str = "train", progress: bool = True) -> TrainResult:
-    """Poeem: both towers and the indexing layer trained end to end."""
+def train_poeem(
+    data: RetrievalData,
+    cfg: TrainConfig,
+    split: str = "train",
+    progress: bool = True,
+    memo: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Poeem: both towers and the indexing layer trained end to end. `memo` (text -> embedding)
+    pre-fills the frozen base of a `minilm-head` encoder."""
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed)
     dev = resolve_device(cfg.device)
-    item_enc = make_encoder(cfg).to(dev)
-    query_enc = item_enc if cfg.shared_towers else copy.deepcopy(item_enc)
+    item_enc = make_encoder(cfg, memo).to(dev)
+    if cfg.shared_towers:
+        query_enc = item_enc
+    elif isinstance(item_enc, HeadEncoder):  # share the frozen base (and its memo), not the head
+        query_enc = HeadEncoder(item_enc.base, item_enc.memo).to(dev)
+    else:
+        query_enc = copy.deepcopy(item_enc)
     layer = IndexingLayer(item_enc.dim, cfg.nlist, cfg.M, cfg.nbits, cfg.metric, rotation=cfg.rotation).to(dev)
     params = list({id(p): p for p in [*item_enc.parameters(), *query_enc.parameters(), *layer.parameters()]}.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr)

@@ -76,3 +76,40 @@ def test_hashed_encoder_learns():
 def test_unknown_encoder_kind_is_refused():
     with pytest.raises(ValueError, match="encoder kind 'bert' is not one of"):
         encoder_from_config({"kind": "bert"})
+
+
+def _round_trip(tmp_path, encoder):
+    from index import build_ivfpq, write_artifact
+    from model.encoders import encoder_files, load_encoder
+    from tests.conftest import clustered
+
+    index = build_ivfpq(clustered(300, 8), nlist=4, M=2, nbits=4, niter=3)
+    path = write_artifact(tmp_path / "a", index, extra_files=encoder_files(encoder))
+    return load_encoder(path)
+
+
+def test_head_encoder_starts_as_its_base_and_round_trips(tmp_path):
+    from model.encoders import HeadEncoder
+
+    torch.manual_seed(0)
+    base = HashedNgramEncoder(dim=16, buckets=1 << 10)
+    head = HeadEncoder(base)
+    texts = ["frozen base", "trainable head"]
+    torch.testing.assert_close(head.encode(texts), base.encode(texts))  # identity at the start
+    with torch.no_grad():
+        head.head.weight.normal_()
+    assert not torch.allclose(head.encode(texts), base.encode(texts))
+    assert all(not p.requires_grad for p in head.base.parameters())
+    loaded = _round_trip(tmp_path, head)
+    torch.testing.assert_close(loaded.encode(texts), head.encode(texts))
+
+
+def test_minilm_head_round_trips_through_an_artifact(tmp_path, minilm):
+    from model.encoders import HeadEncoder
+
+    head = HeadEncoder(minilm)
+    with torch.no_grad():
+        head.head.bias.fill_(0.01)
+    loaded = _round_trip(tmp_path, head)
+    assert (tmp_path / "a" / "encoder" / "tokenizer.json").is_file()
+    torch.testing.assert_close(loaded.encode(["vitamin d"]), head.encode(["vitamin d"]), atol=1e-5, rtol=1e-5)
