@@ -13,7 +13,8 @@ For an item embedding x (d,):
 
 R is not an nn.Parameter: it is updated by steepest block coordinate descent over Givens planes
 (`rotation_step`): dL/dtheta_ij at theta = 0 is S_ij = (G R^T - R G^T)_ij for G = dL/dR, so the
-planes with the largest |S_ij| (a greedy matching of disjoint pairs) are rotated by -lr * S_ij.
+planes with the largest |S_ij| (a greedy matching of disjoint pairs) are rotated by
+-lr * S_ij / max|S| (lr = the steepest plane's angle: the gradient's scale does not matter).
 Disjoint Givens rotations commute, so one step is a vectorised update of 2 rows per plane, and R
 stays orthonormal to rounding (kept in float64) with no SVD in the loop.
 """
@@ -130,23 +131,25 @@ class IndexingLayer(nn.Module):
         S = G @ Rd.T - Rd @ G.T  # (d, d) skew: dL/dtheta for the plane (i, j)
         i, j = torch.triu_indices(self.d, self.d, 1, device=S.device)
         score = S[i, j].abs()
-        order = torch.argsort(score, descending=True).tolist()
-        used = torch.zeros(self.d, dtype=torch.bool)
-        pi, pj = [], []
-        limit = planes or self.d // 2
+        peak = float(score.max())
+        if peak == 0:
+            return 0
+        # greedy matching, steepest disjoint planes first, among the 4d steepest (enough in practice)
+        top = torch.topk(score, min(len(score), 4 * self.d)).indices.tolist()
         ii, jj = i.tolist(), j.tolist()
-        for o in order:  # greedy matching: steepest disjoint planes first
+        used, pi, pj = set(), [], []
+        limit = planes or self.d // 2
+        for o in top:
             a, b = ii[o], jj[o]
-            if not used[a] and not used[b] and float(score[o]) > 0:
-                used[a] = used[b] = True
+            if a not in used and b not in used:
+                used.update((a, b))
                 pi.append(a)
                 pj.append(b)
                 if len(pi) == limit:
                     break
-        if not pi:
-            return 0
         pi_t, pj_t = torch.tensor(pi, device=S.device), torch.tensor(pj, device=S.device)
-        theta = -lr * S[pi_t, pj_t]
+        # lr is the angle (radians) of the steepest plane; the others turn in proportion to their slope
+        theta = -lr * S[pi_t, pj_t] / peak
         c, s = torch.cos(theta)[:, None], torch.sin(theta)[:, None]
         ri, rj = Rd[pi_t].clone(), Rd[pj_t].clone()
         # R <- G(i, j, theta) R with G = I + (cos - 1)(e_i e_i^T + e_j e_j^T) + sin (e_i e_j^T - e_j e_i^T)
