@@ -122,13 +122,16 @@ def main() -> None:
                 _, I = fidx.search(cached.encode([data.queries[q] for q in test_q]).numpy(), 100, params=params)  # noqa: E741
                 m = metrics([[doc_ids[r] for r in row if r >= 0] for row in I], [qrels[q] for q in test_q])
                 emit({"engine": "two-step Faiss (OPQ)", "M": M, "seed": seed, "nprobe": nprobe, **m})
-            for label, rotation, warm in (
-                ("poeem", True, True),
-                ("poeem no rotation", False, True),
-                ("poeem no warm start", True, False),
-            ):
-                if label != "poeem" and M not in args.ablation_m:
+            variants = (
+                ("poeem", True, True, True),
+                ("two-step fine-tuned (OPQ)", True, True, False),
+                ("poeem no rotation", False, True, True),
+                ("poeem no warm start", True, False, True),
+            )
+            for label, rotation, warm, quantize in variants:
+                if label.startswith("poeem ") and M not in args.ablation_m:
                     continue
+                # "two-step fine-tuned": the same heads trained unquantized, then OPQ + IVF-PQ offline
                 cfg = TrainConfig(
                     encoder="minilm-head",
                     shared_towers=False,
@@ -139,6 +142,7 @@ def main() -> None:
                     warmup_steps=30,
                     rotation=rotation,
                     warm_start=warm,
+                    quantize=quantize,
                     seed=seed,
                 )
                 res = train_poeem(data, cfg, progress=False, memo=memo)

@@ -52,6 +52,7 @@ class TrainConfig:
     lr: float = 5e-3  # encoder(s); use ~5e-6 to fine-tune MiniLM (JPQ's setting)
     codebook_lr: float = 1e-4  # jpq: PQ centroids (JPQ: 5e-6 at M 16/24 up to 1e-4 at M >= 48)
     negatives: int = 32  # jpq: hard negatives per query from the current index's top `hard_pool`
+    quantize: bool = True  # False: the two-step baseline (train unquantized, then OPQ + IVF-PQ offline)
     rotation: bool = True  # learn R by Givens steps (ablation: False)
     rotation_lr: float = 1e-3
     warm_start: bool = True  # ablation: False = random codebooks from the first batch
@@ -155,7 +156,7 @@ def train_poeem(
         )
         for s in bar:
             batch = pairs[s : s + cfg.batch_size]
-            if not bool(layer.initialized) and step >= cfg.warmup_steps:
+            if cfg.quantize and not bool(layer.initialized) and step >= cfg.warmup_steps:
                 _warm_start(layer, item_enc, doc_texts, cfg, rng)
             negs = [rng.choice(hard[q]) for q, _ in batch for _ in range(cfg.hard_negatives) if hard.get(q)]
             q = query_enc.embed([data.queries[qid] for qid, _ in batch])
@@ -178,13 +179,20 @@ def train_poeem(
                 break
         if stop:
             break
-    if not bool(layer.initialized):
+    if cfg.quantize and not bool(layer.initialized):
         _warm_start(layer, item_enc, doc_texts, cfg, rng)
     train_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
     t2 = time.perf_counter()
-    index = layer.to_ivfpq(d_emb, doc_ids, progress=progress)  # indexing: one forward pass of the layer
+    if cfg.quantize:
+        index = layer.to_ivfpq(d_emb, doc_ids, progress=progress)  # indexing: one forward pass of the layer
+    else:  # the two-step recipe on the same trained model
+        from index import build_ivfpq
+
+        index = build_ivfpq(
+            d_emb, nlist=cfg.nlist, M=cfg.M, nbits=cfg.nbits, metric=cfg.metric, opq=True, ids=doc_ids, seed=cfg.seed
+        )
     timings = {
         "train_seconds": train_seconds,
         "encode_items_seconds": t2 - t1,
