@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import build_ivfpq, exact_search, make_searcher
-from index.loader import Index
+from index import Index, build_ivfpq, exact_search
 from model.data import load_beir
 from model.evaluate import evaluate, metrics
 from model.layer import IndexingLayer
@@ -110,7 +109,7 @@ def main() -> None:
             emit(
                 {"event": "build", "engine": "two-step ours", "M": M, "seed": seed, "seconds": time.perf_counter() - t0}
             )
-            idx = Index(None, None, ours, make_searcher(ours, "cpu", "torch"))
+            idx = Index.in_memory(ours)
             for r in evaluate(cached, idx, data, "test", args.nprobe):
                 emit({"engine": "two-step ours (OPQ)", "M": M, "seed": seed, **r})
             fidx, took = faiss_two_step(xb, M, seed)
@@ -147,7 +146,7 @@ def main() -> None:
                 )
                 res = train_poeem(data, cfg, progress=False, memo=memo)
                 emit({"event": "train", "engine": label, "M": M, "seed": seed, **res.timings})
-                idx = Index(None, None, res.index, make_searcher(res.index, "cpu", "torch"))
+                idx = Index.in_memory(res.index)
                 for r in evaluate(res.query_encoder, idx, data, "test", args.nprobe):
                     emit({"engine": label, "M": M, "seed": seed, **r})
             if args.skip_jpq:
@@ -165,7 +164,7 @@ def main() -> None:
             )
             res = train_jpq(data, cfg, item_embeddings=torch.from_numpy(xb), progress=False)
             emit({"event": "train", "engine": "jpq", "M": M, "seed": seed, **res.timings})
-            idx = Index(None, None, res.index, make_searcher(res.index, "cpu", "torch"))
+            idx = Index.in_memory(res.index)
             for r in evaluate(res.query_encoder, idx, data, "test", args.nprobe):
                 emit({"engine": "jpq", "M": M, "seed": seed, **r})
 

@@ -37,10 +37,15 @@ class Searcher(Protocol):
 class Index:
     """A loaded, verified artifact bound to one search backend."""
 
-    path: Path
-    manifest: Manifest
+    path: Path | None  # None for an index built in memory (training, benchmarks)
+    manifest: Manifest | None
     data: IVFPQ
     searcher: Searcher
+
+    @classmethod
+    def in_memory(cls, data: IVFPQ, device: str | torch.device = "cpu", backend: str = "torch") -> Index:
+        """Serve an `IVFPQ` that was never written (e.g. right after training), same API as loaded."""
+        return cls(None, None, data, make_searcher(data, device, backend))
 
     @property
     def backend(self) -> str:
@@ -52,7 +57,7 @@ class Index:
 
     @property
     def version(self) -> str:
-        return self.manifest.version
+        return self.manifest.version if self.manifest else "in-memory"
 
     @property
     def ids(self) -> np.ndarray:

@@ -96,10 +96,9 @@ def _train(args: argparse.Namespace) -> int:
         result = train_jpq(data, cfg, item_embeddings=_item_embeddings(args, list(data.corpus)))
     else:
         result = train_poeem(data, cfg)
-    from index import make_searcher
-    from index.loader import Index
+    from index import Index
 
-    idx = Index(args.out, None, result.index, make_searcher(result.index, "cpu", "torch"))
+    idx = Index.in_memory(result.index)
     split = "test" if "test" in data.qrels else next(iter(data.qrels))
     rows = evaluate(result.query_encoder, idx, data, split, nprobes=(min(16, cfg.nlist),))
     write_trained_artifact(args.out, result, cfg, str(args.data), metrics={split: rows})

@@ -25,8 +25,11 @@ def metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict[str, int]])
         ndcg.append(dcg / idcg)
         first = next((i for i, d in enumerate(ids[:10]) if d in pos), None)
         mrr.append(0.0 if first is None else 1.0 / (first + 1))
-    mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
-    return {"recall@10": mean(r10), "recall@100": mean(r100), "ndcg@10": mean(ndcg), "mrr@10": mean(mrr)}
+    return {"recall@10": _mean(r10), "recall@100": _mean(r100), "ndcg@10": _mean(ndcg), "mrr@10": _mean(mrr)}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else 0.0
 
 
 def evaluate(
