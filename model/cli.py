@@ -48,6 +48,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, help="stop training after this long")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="then point the artifact root's CURRENT file at it (a watching service reloads)",
+    )
     p.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -71,7 +76,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .data import load_beir
     from .evaluate import evaluate
-    from .train import TrainConfig, train_jpq, train_poeem, write_trained_artifact
+    from .train import TrainConfig, train_jpq, train_poeem, training_canaries, write_trained_artifact
 
     data = load_beir(args.data)
     if args.max_docs:
@@ -101,7 +106,12 @@ def _train(args: argparse.Namespace) -> int:
     idx = Index.in_memory(result.index)
     split = "test" if "test" in data.qrels else next(iter(data.qrels))
     rows = evaluate(result.query_encoder, idx, data, split, nprobes=(min(16, cfg.nlist),))
-    write_trained_artifact(args.out, result, cfg, str(args.data), metrics={split: rows})
+    canaries = training_canaries(result, data, split, seed=args.seed)
+    write_trained_artifact(args.out, result, cfg, str(args.data), metrics={split: rows}, canaries=canaries)
+    if args.publish:
+        from index.pointer import publish
+
+        publish(args.out.parent, args.out.name)
     print(json.dumps({"artifact": str(args.out), "steps": len(result.history), **result.timings, **rows[0]}))
     return 0
 

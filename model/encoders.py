@@ -181,6 +181,7 @@ class HeadEncoder(TextEncoder):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.memo = memo if memo is not None else {}
+        self.memoize = True  # off when serving: every query text would stay in memory forever
 
     def train(self, mode: bool = True) -> HeadEncoder:
         super().train(mode)
@@ -188,6 +189,8 @@ class HeadEncoder(TextEncoder):
         return self
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if not self.memoize:
+            return {"base": self.base.encode(list(texts), batch_size=max(len(texts), 1))}
         todo = list(dict.fromkeys(t for t in texts if t not in self.memo))
         if todo:
             for t, e in zip(todo, self.base.encode(todo), strict=True):
@@ -250,5 +253,7 @@ def load_encoder(artifact: str | Path) -> TextEncoder:
     encoder = encoder_from_config(config, model_dir=root)
     if config.get("kind") in ("hashed", "head"):  # MiniLM alone already read its weights from model_dir
         encoder.load_state_dict(load_file(str(root / "model.safetensors")))
+    if isinstance(encoder, HeadEncoder):
+        encoder.memoize = False
     encoder.eval()
     return encoder

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from index import TorchSearcher, exact_search, resolve_device, write_artifact
+from index.canary import CANARY, CanarySet
 from index.ivfpq import IVFPQ
 
 from .data import RetrievalData
@@ -219,10 +220,38 @@ def _warm_start(
         layer.initialized.fill_(True)
 
 
+def training_canaries(
+    result: TrainResult, data: RetrievalData, split: str, n: int = 32, k: int = 100, seed: int = 0
+) -> CanarySet | None:
+    """Up to `n` judged queries of `split` with their relevant ids, as the artifact's quality gate
+    (`index.canary`): a service refuses a later reload whose recall on them drops below 0.8x today's."""
+    from index import Index
+    from index.canary import make_canaries
+
+    positives = data.positives(split) if split in data.qrels else {}
+    qids = sorted(q for q, docs in positives.items() if docs and q in data.queries)
+    if not qids:
+        return None
+    qids = random.Random(seed).sample(qids, min(n, len(qids)))
+    texts = [data.queries[q] for q in qids]
+    vectors = result.query_encoder.encode(texts).numpy()
+    idx = Index.in_memory(result.index)
+
+    def search(x, k, nprobe):
+        return idx.search(x, k, nprobe)[1]
+
+    return make_canaries(vectors, [sorted(positives[q]) for q in qids], search, texts, k, min(16, result.index.nlist))
+
+
 def write_trained_artifact(
-    out: str | Path, result: TrainResult, cfg: TrainConfig, data_path: str, metrics: dict | None = None
+    out: str | Path,
+    result: TrainResult,
+    cfg: TrainConfig,
+    data_path: str,
+    metrics: dict | None = None,
+    canaries: CanarySet | None = None,
 ) -> Path:
-    """Query encoder + index + ids as one artifact; the manifest records how it was made."""
+    """Query encoder + index + ids (+ canaries) as one artifact; the manifest records how it was made."""
     training = {
         "mode": cfg.mode,
         "data": data_path,
@@ -234,7 +263,10 @@ def write_trained_artifact(
         "metrics": metrics or {},
         "query_encoder": result.query_encoder.config(),
     }
-    return write_artifact(out, result.index, training=training, extra_files=encoder_files(result.query_encoder))
+    extra = encoder_files(result.query_encoder)
+    if canaries is not None:
+        extra[CANARY] = canaries.dumps()
+    return write_artifact(out, result.index, training=training, extra_files=extra)
 
 
 def train_jpq(

@@ -9,7 +9,7 @@ from index import JointPQError
 from index import cli as index_cli
 from model import cli as model_cli
 
-from . import demo
+from . import demo, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     index_cli.add_commands(sub)
     model_cli.add_commands(sub)
+    serve.add_command(sub)
     demo.add_command(sub)
     return p
 

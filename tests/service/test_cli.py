@@ -61,7 +61,7 @@ def test_errors_are_one_clear_line(tmp_path):
     assert out.returncode == 2 and "divisible by M=5" in out.stderr
 
 
-@pytest.mark.parametrize("command", ["build", "search", "demo"])
+@pytest.mark.parametrize("command", ["build", "search", "demo", "serve", "train"])
 def test_help_shows_a_working_example(command):
     out = _jointpq(command, "--help")
     assert out.returncode == 0 and "usage: jointpq" in out.stdout
@@ -69,12 +69,17 @@ def test_help_shows_a_working_example(command):
         assert "example:" in out.stdout
 
 
-def test_demo_builds_once_and_searches(tmp_path):
-    out = _jointpq("demo", "--artifact", str(tmp_path / "demo"), "--device", "cpu")
+def test_demo_trains_once_then_reuses(tmp_path):
+    """`jointpq demo` trains on the shipped SciFact subset, publishes, and reuses it next time."""
+    args = ("demo", "--root", str(tmp_path / "demo"), "--encoder", "hashed", "--max-seconds", "2", "--no-serve")
+    out = _jointpq(*args)
     assert out.returncode == 0, out.stderr
-    assert "built" in out.stdout and out.stdout.count("query ") == 5
-    again = _jointpq("demo", "--artifact", str(tmp_path / "demo"), "--device", "cpu")
-    assert again.returncode == 0 and "built" not in again.stdout
+    assert "trained" in out.stdout and "nDCG@10" in out.stdout
+    assert (tmp_path / "demo" / "CURRENT").read_text().strip() == "scifact-demo-v1"
+    manifest = json.loads((tmp_path / "demo" / "scifact-demo-v1" / "manifest.json").read_text())
+    assert manifest["training"]["mode"] == "poeem" and "canary.json" in manifest["files"]
+    again = _jointpq(*args)
+    assert again.returncode == 0 and "serving the existing artifact" in again.stdout
 
 
 def test_faiss_export_then_import_round_trips(tmp_path):

@@ -1,0 +1,445 @@
+"""The FastAPI app: `create_app(settings)` builds one; `jointpq serve` runs it under uvicorn.
+
+Routes: POST /search; GET /healthz, /readyz, /info, /metrics; POST /admin/reload, /admin/rollback
+(bearer token). Every error is JSON ``{"error": ..., "detail": [{"field", "message"}]}`` naming
+the field at fault; no stack trace ever leaves the process.
+"""
+
+# no `from __future__ import annotations`: FastAPI resolves the route's request model (built
+# per settings inside create_app) from the live annotation object.
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from index import JointPQError
+
+from .batching import Job, JobResult, MicroBatcher, run_jobs
+from .holder import IndexHolder, Loaded, ReloadRefused
+from .logs import ACCESS
+from .metrics import Metrics
+from .schemas import (
+    SEARCH_EXAMPLES,
+    ErrorResponse,
+    InfoResponse,
+    ReloadRequest,
+    ReloadResponse,
+    SearchResponse,
+    search_request_model,
+)
+from .settings import Settings
+
+log = logging.getLogger("jointpq.service")
+ROUTES = {"/search", "/healthz", "/readyz", "/info", "/metrics", "/admin/reload", "/admin/rollback"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(error)
+        self.status, self.error, self.field, self.headers = status, error, field, headers
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, "application/json")
+
+
+def error_body(error: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": error, "detail": [{"field": field, "message": error}] if field else None}
+
+
+def field_name(loc: tuple) -> str:
+    """('body', 'vectors', 3, 1) -> 'vectors[3][1]'; the whole body -> 'body'."""
+    parts = [p for p in loc if p != "body"] if len(loc) > 1 else list(loc)
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+class RequestMiddleware:
+    """Pure ASGI (no per-request task overhead): body size limit (413), request id, latency and
+    status metrics by route, and one JSON access-log line per request."""
+
+    def __init__(self, app, metrics: Metrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        state = {"status": 500, "started": False}
+        rid = uuid.uuid4().hex[:16]
+
+        async def send_wrapped(message) -> None:
+            if message["type"] == "http.response.start":
+                state["status"], state["started"] = message["status"], True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            receive_app = await self._bounded_body(scope, receive)
+            if receive_app is None:
+                await json_response(error_body(f"request body exceeds {self.max_body} bytes", "body"), 413)(
+                    scope, receive, send_wrapped
+                )
+            else:
+                await self.app(scope, receive_app, send_wrapped)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": rid, "path": scope.get("path")})
+            if not state["started"]:
+                await json_response(error_body("internal error"), 500)(scope, receive, send_wrapped)
+        finally:
+            seconds = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None)
+            route = route if route in ROUTES else ("/docs" if scope["path"].startswith("/docs") else "other")
+            self.metrics.requests.labels(route, scope["method"], str(state["status"])).inc()
+            self.metrics.latency.labels(route).observe(seconds)
+            if route != "/metrics":
+                ACCESS.info(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": state["status"],
+                        "latency_ms": round(seconds * 1000, 3),
+                        "client": (scope.get("client") or ("", 0))[0],
+                    },
+                )
+
+    async def _bounded_body(self, scope, receive) -> Callable[[], Awaitable[dict]] | None:
+        """Read the whole body up to the limit (requests here are small) and replay it; None if too big."""
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return receive
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    holder = IndexHolder(settings)
+    executor = ThreadPoolExecutor(settings.search_threads, thread_name_prefix="jointpq-search")
+    batcher = (
+        MicroBatcher(
+            executor,
+            settings.search_threads,
+            settings.batch_max_queries,
+            settings.batch_wait_ms / 1000,
+            metrics.observe_batch,
+        )
+        if settings.batching
+        else None
+    )
+    started = time.time()
+    SearchRequest = search_request_model(settings)
+
+    async def swap_to(name: str, source: str) -> tuple[Loaded, Loaded | None]:
+        try:
+            new, old = await holder.reload(name)
+        except ReloadRefused as e:
+            metrics.reloads.labels("refused").inc()
+            log.warning("reload refused", extra={"source": source, "artifact": name, "reason": e.reason})
+            raise
+        metrics.reloads.labels("ok").inc()
+        metrics.serving(new.version)
+        log.info("reloaded", extra={"source": source, "version": new.version, "previous": old and old.version})
+        return new, old
+
+    async def watch_pointer() -> None:
+        """Poll the pointer file; reload when the name in it changes (a refused one is not retried)."""
+        from index.pointer import read_pointer
+
+        seen = holder.current.name if holder.current else None
+        while True:
+            await asyncio.sleep(settings.watch_interval_s)
+            try:
+                name = read_pointer(settings.artifact_root, settings.pointer_file)
+            except OSError as e:
+                log.warning("cannot read the pointer file", extra={"error": str(e)})
+                continue
+            if name and name != seen:
+                seen = name
+                with contextlib.suppress(ReloadRefused):
+                    await swap_to(name, "watch")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        name = holder.initial_name()
+        if name is None:
+            log.warning("no artifact in %s: not ready until POST /admin/reload", settings.artifact_root)
+        else:
+            with contextlib.suppress(ReloadRefused):
+                await swap_to(name, "startup")
+        metrics.serving(holder.current.version if holder.current else None)
+        if batcher is not None:
+            await batcher.start()
+        watcher = asyncio.create_task(watch_pointer()) if settings.watch else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if batcher is not None:
+                await batcher.stop()
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="jointpq",
+        version="0.1.0",
+        summary="Retrieval over a jointly learned IVF-PQ index (Poeem / JPQ).",
+        lifespan=lifespan,
+        responses={422: {"model": ErrorResponse, "description": "invalid request; `detail` names the field"}},
+    )
+    app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> Response:
+        return json_response(error_body(e.error, e.field), e.status, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> Response:
+        detail = [{"field": field_name(tuple(err["loc"])), "message": err["msg"]} for err in e.errors()]
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in detail[:5])
+        return json_response({"error": f"invalid request: {summary}", "detail": detail}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> Response:
+        return json_response(error_body(str(e.detail)), e.status_code, getattr(e, "headers", None))
+
+    # -- search ---------------------------------------------------------------------------------
+
+    def parse(req: Any, loaded: Loaded) -> tuple[list[str] | None, np.ndarray | None]:
+        """The request's texts or vectors, checked against the serving artifact."""
+        if req.query is not None or req.queries is not None:
+            field = "query" if req.query is not None else "queries"
+            texts = [req.query] if req.query is not None else req.queries
+            if not texts:
+                raise ApiError(400, "queries is empty: give at least one query", field)
+            if len(texts) > settings.max_batch:
+                raise ApiError(413, f"queries holds {len(texts)} queries, at most {settings.max_batch}", field)
+            for i, t in enumerate(texts):
+                if not t.strip():
+                    where = field if req.query is not None else f"queries[{i}]"
+                    raise ApiError(400, f"{where} is empty", where)
+            if loaded.encoder is None:
+                raise ApiError(400, f"artifact {loaded.version} has no query encoder: send vector or vectors", field)
+            return texts, None
+        field = "vector" if req.vector is not None else "vectors"
+        rows = [req.vector] if req.vector is not None else req.vectors
+        if not rows:
+            raise ApiError(400, "vectors is empty: give at least one vector", field)
+        if len(rows) > settings.max_batch:
+            raise ApiError(413, f"vectors holds {len(rows)} vectors, at most {settings.max_batch}", field)
+        for i, row in enumerate(rows):
+            if len(row) != loaded.dim:
+                where = field if req.vector is not None else f"vectors[{i}]"
+                raise ApiError(422, f"{where} has {len(row)} dimensions, the artifact expects {loaded.dim}", where)
+        return None, np.asarray(rows, dtype=np.float32)
+
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        responses={
+            400: {"model": ErrorResponse, "description": "an empty query, or text for an artifact without an encoder"},
+            413: {"model": ErrorResponse, "description": "too many queries in one request, or the body is too large"},
+            503: {"model": ErrorResponse, "description": "no artifact loaded yet"},
+        },
+        summary="Top-k item ids for text queries or query vectors",
+    )
+    async def search(
+        req: SearchRequest = Body(openapi_examples=SEARCH_EXAMPLES),  # type: ignore[valid-type]  # noqa: B008
+    ) -> Response:
+        t0 = time.perf_counter()
+        loaded = holder.current  # taken once: this request is answered by this artifact
+        if loaded is None:
+            raise ApiError(503, "not ready: no artifact loaded")
+        texts, vectors = parse(req, loaded)
+        job = Job(loaded, texts, vectors, req.k or settings.default_k, req.nprobe or settings.default_nprobe)
+        try:
+            if batcher is not None:
+                result: JobResult = await batcher.submit(job)
+            else:
+                loop = asyncio.get_running_loop()
+                result = (await loop.run_in_executor(executor, run_jobs, [job], metrics.observe_batch))[0]
+        except JointPQError as e:
+            raise ApiError(400, str(e)) from None
+        metrics.queries.labels("text" if texts is not None else "vector").inc(job.size)
+        return json_response(
+            {
+                "version": loaded.version,
+                "k": job.k,
+                "nprobe": min(job.nprobe, loaded.nlist),
+                "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "results": [{"ids": i, "scores": s} for s, i in zip(result.scores, result.ids, strict=True)],
+            }
+        )
+
+    # -- operations -------------------------------------------------------------------------------
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: an artifact is loaded, warmed", responses={503: {"model": ErrorResponse}})
+    async def readyz() -> Response:
+        if holder.current is None:
+            return json_response(error_body("not ready: no artifact loaded"), 503)
+        return json_response({"status": "ready", "version": holder.current.version})
+
+    @app.get("/info", response_model=InfoResponse, summary="The artifact being served, device, backend, uptime")
+    async def info() -> Response:
+        cur, prev = holder.current, holder.previous
+        public = {
+            "artifact_root": str(settings.artifact_root),
+            "device": settings.device,
+            "backend": settings.backend,
+            "batching": settings.batching,
+            "batch_max_queries": settings.batch_max_queries,
+            "batch_wait_ms": settings.batch_wait_ms,
+            "default_k": settings.default_k,
+            "max_k": settings.max_k,
+            "default_nprobe": settings.default_nprobe,
+            "max_batch": settings.max_batch,
+            "watch": settings.watch,
+            "admin": settings.admin_token is not None,
+        }
+        return json_response(
+            {
+                "ready": cur is not None,
+                "artifact": cur.summary() if cur else None,
+                "previous_version": prev.version if prev else None,
+                "uptime_s": round(time.time() - started, 3),
+                "settings": public,
+            }
+        )
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics_route() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.export(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    bearer = HTTPBearer(auto_error=False, description="JOINTPQ_ADMIN_TOKEN")
+
+    async def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if settings.admin_token is None:
+            raise ApiError(404, "admin endpoints are disabled: set JOINTPQ_ADMIN_TOKEN to enable them")
+        if credentials is None:
+            challenge = {"WWW-Authenticate": "Bearer"}
+            raise ApiError(401, "admin token required (Authorization: Bearer ...)", headers=challenge)
+        expected = settings.admin_token.get_secret_value().encode()
+        if not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise ApiError(403, "wrong admin token")
+
+    admin_errors = {
+        400: {"model": ErrorResponse, "description": "the path leaves the artifact root"},
+        401: {"model": ErrorResponse},
+        403: {"model": ErrorResponse},
+        404: {"model": ErrorResponse, "description": "no such artifact, or admin disabled"},
+        409: {"model": ErrorResponse, "description": "nothing to roll back to"},
+    }
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        responses={**admin_errors, 422: {"model": ErrorResponse, "description": "the artifact failed a check"}},
+        dependencies=[Depends(admin)],
+        summary="Load, validate and atomically swap in another artifact version",
+    )
+    async def reload(req: ReloadRequest) -> Response:
+        t0 = time.perf_counter()
+        try:
+            new, old = await swap_to(req.name, "admin")
+        except ReloadRefused as e:
+            raise ApiError(e.status, e.reason, "version" if req.version is not None else "path") from None
+        return json_response(
+            {
+                "version": new.version,
+                "previous": old.version if old else None,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "checks": new.checks,
+            }
+        )
+
+    @app.post(
+        "/admin/rollback",
+        response_model=ReloadResponse,
+        responses=admin_errors,
+        dependencies=[Depends(admin)],
+        summary="Swap back to the previous artifact",
+    )
+    async def rollback() -> Response:
+        t0 = time.perf_counter()
+        try:
+            cur, prev = await holder.rollback()
+        except ReloadRefused as e:
+            raise ApiError(e.status, e.reason) from None
+        metrics.rollbacks.inc()
+        metrics.serving(cur.version)
+        return json_response(
+            {
+                "version": cur.version,
+                "previous": prev.version,
+                "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "checks": cur.checks,
+            }
+        )
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (`uvicorn service.app:app_from_env --factory`): settings from JOINTPQ_* env vars.
+    Runs in every worker process, so each one sets up the JSON logging itself."""
+    from .logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,181 @@
+"""Micro-batching: concurrent requests coalesced into one encode + one search call.
+
+Encoding and IVF-PQ scanning cost far less per query in a batch (one transformer pass, one lookup
+table build, one sweep over each probed cell for all queries in it), so under load the service
+answers more queries per second by working on many at once. The batcher waits for a free worker,
+then takes everything queued, up to `max_queries`, waiting at most `wait_s` for company; a request
+never waits longer than that plus the batch ahead of it.
+
+A job carries the `Loaded` artifact its request saw, so a batch never mixes versions: jobs of
+different versions (around a hot swap) run as separate groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .holder import Loaded
+
+log = logging.getLogger("jointpq.service")
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's queries: texts to encode or vectors, all with the same k and nprobe."""
+
+    loaded: Loaded
+    texts: list[str] | None
+    vectors: np.ndarray | None
+    k: int
+    nprobe: int
+    future: asyncio.Future | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) if self.texts is not None else len(self.vectors)
+
+
+@dataclass
+class JobResult:
+    scores: list[np.ndarray]
+    ids: list[list[str]]
+
+
+Observer = Callable[[int, int, float], None]  # (requests, queries, seconds) per engine call
+
+
+def run_jobs(jobs: list[Job], observe: Observer | None = None) -> list[JobResult]:
+    """Encode all texts of `jobs` at once, then one search per distinct nprobe (k = the largest
+    asked, cut per job). All jobs must share one `Loaded`. Blocking: runs in a worker thread."""
+    t0 = time.perf_counter()
+    loaded = jobs[0].loaded
+    texts = [t for j in jobs if j.texts is not None for t in j.texts]
+    encoded = loaded.encode(texts) if texts else None
+    vecs, off = [], 0
+    for j in jobs:
+        if j.texts is not None:
+            vecs.append(encoded[off : off + len(j.texts)])
+            off += len(j.texts)
+        else:
+            vecs.append(j.vectors)
+    out: list[JobResult | None] = [None] * len(jobs)
+    by_nprobe: dict[int, list[int]] = {}
+    for i, j in enumerate(jobs):
+        by_nprobe.setdefault(min(j.nprobe, loaded.nlist), []).append(i)
+    ids_of = loaded.index.ids
+    for nprobe, members in by_nprobe.items():
+        x = np.concatenate([vecs[i] for i in members]).astype(np.float32, copy=False)
+        scores, rows = loaded.index.search_rows(x, max(jobs[i].k for i in members), nprobe)
+        start = 0
+        for i in members:
+            n, k = jobs[i].size, jobs[i].k
+            s, r = scores[start : start + n, :k], rows[start : start + n, :k]
+            start += n
+            valid = r >= 0
+            out[i] = JobResult(
+                [si[v] for si, v in zip(s, valid, strict=True)],
+                [ids_of[ri[v]].tolist() for ri, v in zip(r, valid, strict=True)],
+            )
+    if observe is not None:
+        observe(len(jobs), sum(j.size for j in jobs), time.perf_counter() - t0)
+    return out  # type: ignore[return-value]
+
+
+class MicroBatcher:
+    """Queue + one collector task; batches run on `executor` (`workers` at a time)."""
+
+    def __init__(
+        self, executor: Executor, workers: int, max_queries: int, wait_s: float, observe: Observer | None = None
+    ):
+        self.executor, self.max_queries, self.wait_s, self.observe = executor, max_queries, wait_s, observe
+        self.workers = workers
+        self._queue: asyncio.Queue[Job] | None = None
+        self._carry: deque[Job] = deque()
+        self._slots: asyncio.Semaphore | None = None
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        self._queue, self._slots = asyncio.Queue(), asyncio.Semaphore(self.workers)
+        self._task = asyncio.create_task(self._collect(), name="jointpq-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def submit(self, job: Job) -> JobResult:
+        if self._queue is None:
+            raise RuntimeError("batcher not started")
+        job.future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(job)
+        return await job.future
+
+    async def _next(self, timeout: float | None) -> Job | None:
+        if self._carry:
+            return self._carry.popleft()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout is not None and timeout <= 0:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout) if timeout else await self._queue.get()
+        except TimeoutError:
+            return None
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()  # wait for a free worker first: meanwhile requests pile up
+            try:
+                first = await self._next(None)
+            except BaseException:
+                self._slots.release()
+                raise
+            batch, n = [first], first.size
+            deadline = loop.time() + self.wait_s
+            while n < self.max_queries:
+                job = await self._next(deadline - loop.time())
+                if job is None:
+                    break
+                if n + job.size > self.max_queries:
+                    self._carry.append(job)  # starts the next batch
+                    break
+                batch.append(job)
+                n += job.size
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            groups: dict[int, list[Job]] = {}
+            for j in batch:  # one group per artifact version seen by the requests
+                groups.setdefault(id(j.loaded), []).append(j)
+            for jobs in groups.values():
+                try:
+                    results = await loop.run_in_executor(self.executor, run_jobs, jobs, self.observe)
+                except Exception as e:
+                    for j in jobs:
+                        if not j.future.done():
+                            j.future.set_exception(e)
+                    continue
+                for j, r in zip(jobs, results, strict=True):
+                    if not j.future.done():  # a client that went away cancelled its future
+                        j.future.set_result(r)
+        finally:
+            self._slots.release()

@@ -1,0 +1,197 @@
+"""The served artifact and its atomic hot swap.
+
+`load_candidate` loads a version off to the side and proves it can serve (checksums and shapes
+via the index core, query encoder matches the index, a smoke query, the canary quality gate,
+warm-up searches); only then does `IndexHolder` swap it in with one reference assignment.
+A request takes `holder.current` once and keeps that `Loaded` to the end, so requests in flight
+finish on the old artifact and every response carries exactly one version. A refused candidate
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index import ArtifactError, Index, JointPQError, load_index
+from index.canary import read_canaries, recall
+from index.pointer import PathOutsideRoot, current_version, resolve_in_root
+
+from .settings import Settings
+
+log = logging.getLogger("jointpq.service")
+
+
+class ReloadRefused(Exception):  # noqa: N818 - reads as the outcome
+    """A candidate artifact was not swapped in; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """One verified, warmed artifact: index, optional query encoder, and what the checks found."""
+
+    name: str  # as requested, relative to the artifact root
+    path: Path
+    index: Index
+    encoder: Any  # model.encoders.TextEncoder | None (None: the artifact serves vectors only)
+    loaded_at: float
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.index.version
+
+    @property
+    def dim(self) -> int:
+        return self.index.data.d
+
+    @property
+    def nlist(self) -> int:
+        return self.index.data.nlist
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if self.encoder is None:
+            raise JointPQError(f"artifact {self.version} has no query encoder: send vectors")
+        return self.encoder.encode(texts, batch_size=max(len(texts), 1)).numpy()
+
+    def summary(self) -> dict[str, Any]:
+        m = self.index.manifest
+        training = m.training if m else {}
+        return {
+            "version": self.version,
+            "name": self.name,
+            "metric": self.index.data.metric,
+            "dim": self.dim,
+            "nlist": self.nlist,
+            "M": self.index.data.M,
+            "nbits": self.index.data.nbits,
+            "n_items": self.index.data.n,
+            "created": m.created if m else None,
+            "mode": training.get("mode"),
+            "metrics": training.get("metrics"),
+            "encoder": self.encoder.config() if self.encoder is not None else None,
+            "device": str(self.index.device),
+            "backend": self.index.backend,
+            "loaded_at": self.loaded_at,
+            "checks": self.checks,
+        }
+
+
+def load_candidate(settings: Settings, name: str) -> Loaded:
+    """Load and validate `name` (a version or a path inside the artifact root). Blocking: call it
+    from a worker thread. Raises ReloadRefused with the reason; never returns a half-checked one."""
+    try:
+        path = resolve_in_root(settings.artifact_root, name)
+    except PathOutsideRoot as e:
+        raise ReloadRefused(400, f"refused: {e}") from None
+    if not (path / "manifest.json").is_file():
+        raise ReloadRefused(404, f"refused: no artifact named {name!r} in the artifact root")
+    t0 = time.perf_counter()
+    try:
+        index = load_index(path, device=settings.device, backend=settings.backend)
+    except JointPQError as e:
+        raise ReloadRefused(422, f"refused: artifact {name!r} failed verification: {e}") from None
+    checks: dict[str, Any] = {"verified": True}
+    encoder = None
+    if (path / "encoder" / "encoder.json").is_file():
+        try:
+            from model.encoders import load_encoder
+
+            encoder = load_encoder(path)
+        except Exception as e:
+            raise ReloadRefused(422, f"refused: artifact {name!r} has an unusable query encoder: {e}") from None
+        if encoder.dim != index.data.d:
+            raise ReloadRefused(422, f"refused: encoder outputs {encoder.dim} dims, the index has {index.data.d}")
+    candidate = Loaded(name, path, index, encoder, time.time(), checks)
+    try:
+        _smoke(candidate, settings)
+        _canary_gate(candidate, settings)
+    except ReloadRefused:
+        raise
+    except (JointPQError, ValueError, RuntimeError) as e:
+        raise ReloadRefused(422, f"refused: artifact {name!r} failed its smoke test: {e}") from None
+    checks["load_seconds"] = round(time.perf_counter() - t0, 4)
+    return candidate
+
+
+def _smoke(c: Loaded, settings: Settings) -> None:
+    """One search per path a request can take, at the batch sizes the batcher produces (warm-up)."""
+    nprobe = min(settings.default_nprobe, c.nlist)
+    rng = np.random.default_rng(0)
+    for b in (1, 8, min(settings.batch_max_queries, 64)):
+        x = rng.standard_normal((b, c.dim)).astype(np.float32)
+        scores, rows = c.index.search_rows(x, min(settings.default_k, c.index.data.n), nprobe)
+        if not (rows >= 0).any():
+            raise ReloadRefused(422, f"refused: artifact {c.name!r} returned no hits for a smoke query")
+        if not np.isfinite(scores[rows >= 0]).all():
+            raise ReloadRefused(422, f"refused: artifact {c.name!r} returned non-finite scores")
+    if c.encoder is not None:
+        emb = c.encode(["smoke test query", "a second, longer smoke test query for the encoder"])
+        if emb.shape != (2, c.dim) or not np.isfinite(emb).all():
+            raise ReloadRefused(422, f"refused: the encoder of {c.name!r} gave {emb.shape} or non-finite output")
+    c.checks["smoke"] = "ok"
+
+
+def _canary_gate(c: Loaded, settings: Settings) -> None:
+    """Recall on the artifact's canary queries must reach the threshold (setting, else the artifact's)."""
+    try:
+        canaries = read_canaries(c.path)
+    except ArtifactError as e:
+        raise ReloadRefused(422, f"refused: {e}") from None
+    if canaries is None or not canaries.queries:
+        c.checks["canary"] = "none in artifact"
+        return
+    texts = [q.text for q in canaries.queries]
+    if c.encoder is not None and all(texts):
+        x = c.encode(texts)  # checks the shipped encoder too
+    else:
+        x = np.asarray([q.vector for q in canaries.queries], dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != c.dim:
+            raise ReloadRefused(422, f"refused: canary vectors of {c.name!r} are {x.shape}, index dim {c.dim}")
+    _, ids = c.index.search(x, canaries.k, min(canaries.nprobe, c.nlist))
+    got = recall(ids, [q.expected for q in canaries.queries])
+    threshold = settings.canary_min_recall if settings.canary_min_recall is not None else canaries.min_recall
+    c.checks["canary"] = {"recall": round(got, 4), "min_recall": threshold, "queries": len(canaries.queries)}
+    if got < threshold:
+        raise ReloadRefused(
+            422, f"refused: canary recall@{canaries.k} of {c.name!r} is {got:.3f}, below the gate {threshold:.3f}"
+        )
+
+
+class IndexHolder:
+    """Holds the artifact being served and the one before it (for rollback)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.current: Loaded | None = None
+        self.previous: Loaded | None = None
+        self.lock = asyncio.Lock()  # one reload at a time; searches never take it
+
+    def initial_name(self) -> str | None:
+        return self.settings.artifact or current_version(self.settings.artifact_root, self.settings.pointer_file)
+
+    async def reload(self, name: str) -> tuple[Loaded, Loaded | None]:
+        """Load `name` off to the side (in a thread: searches go on), then swap. ReloadRefused if bad."""
+        async with self.lock:
+            candidate = await asyncio.to_thread(load_candidate, self.settings, name)
+            old = self.current
+            self.previous, self.current = old, candidate  # the swap: one reference assignment each
+            log.info("swapped in %s (was %s)", candidate.version, old.version if old else None)
+            return candidate, old
+
+    async def rollback(self) -> tuple[Loaded, Loaded]:
+        async with self.lock:
+            if self.previous is None or self.current is None:
+                raise ReloadRefused(409, "no previous artifact to roll back to")
+            self.previous, self.current = self.current, self.previous
+            return self.current, self.previous

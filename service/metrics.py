@@ -1,0 +1,49 @@
+"""Prometheus metrics (prometheus-client), one registry per app so several apps in one process
+(tests, embedding) never share counters. With several uvicorn workers each process exports its
+own series: scrape each replica, or put the replicas behind a load balancer and sum by instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "jointpq_http_requests", "HTTP requests by route, method, status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "jointpq_http_request_duration_seconds", "HTTP request latency by route", ["route"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.search_latency = Histogram(
+            "jointpq_search_duration_seconds", "encode + search time of one engine call (one batch)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_queries = Histogram(
+            "jointpq_batch_queries", "queries per engine call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "jointpq_batch_requests", "requests coalesced into one engine call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queries = Counter("jointpq_queries", "queries searched", ["kind"], registry=r)
+        self.artifact = Info("jointpq_artifact", "the artifact being served", registry=r)
+        self.ready = Gauge("jointpq_ready", "1 when an artifact is loaded and warmed", registry=r)
+        self.reloads = Counter("jointpq_reloads", "reload attempts by result", ["result"], registry=r)
+        self.rollbacks = Counter("jointpq_rollbacks", "rollbacks to the previous artifact", registry=r)
+
+    def observe_batch(self, requests: int, queries: int, seconds: float) -> None:
+        self.batch_requests.observe(requests)
+        self.batch_queries.observe(queries)
+        self.search_latency.observe(seconds)
+
+    def serving(self, version: str | None) -> None:
+        self.artifact.info({"version": version or ""})
+        self.ready.set(1 if version else 0)
+
+    def export(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,81 @@
+"""`jointpq serve`: run the service under uvicorn. Flags override the JOINTPQ_* environment (they
+are written back into it, so every uvicorn worker process builds the same settings)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+FLAGS = {  # flag dest -> env var
+    "artifact_root": "JOINTPQ_ARTIFACT_ROOT",
+    "artifact": "JOINTPQ_ARTIFACT",
+    "host": "JOINTPQ_HOST",
+    "port": "JOINTPQ_PORT",
+    "workers": "JOINTPQ_WORKERS",
+    "device": "JOINTPQ_DEVICE",
+    "backend": "JOINTPQ_BACKEND",
+    "log_level": "JOINTPQ_LOG_LEVEL",
+    "torch_threads": "JOINTPQ_TORCH_THREADS",
+}
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP search service (settings: JOINTPQ_* env vars, overridden by flags)",
+        epilog="example:\n  JOINTPQ_ADMIN_TOKEN=change-me jointpq serve --artifact-root artifacts/demo --port 8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifact-root", help="directory of artifact versions (JOINTPQ_ARTIFACT_ROOT)")
+    p.add_argument("--artifact", help="version to serve first (default: the CURRENT pointer, else the newest)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int, help="uvicorn worker processes")
+    p.add_argument("--device")
+    p.add_argument("--backend", choices=("auto", "torch", "faiss"))
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--watch", action="store_true", help="hot-reload when the pointer file changes")
+    p.add_argument("--no-batching", action="store_true", help="one engine call per request")
+    p.set_defaults(func=run)
+
+
+def apply_flags(args: argparse.Namespace) -> None:
+    for dest, env in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            os.environ[env] = str(value)
+    if getattr(args, "watch", False):
+        os.environ["JOINTPQ_WATCH"] = "true"
+    if getattr(args, "no_batching", False):
+        os.environ["JOINTPQ_BATCHING"] = "false"
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .logs import configure_logging
+    from .settings import Settings
+
+    apply_flags(args)
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        for err in e.errors():
+            print(f"error: JOINTPQ_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "service.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_config=None,  # keep our JSON logging
+        access_log=False,  # one JSON access line per request comes from the app
+        timeout_graceful_shutdown=10,
+    )
+    return 0

@@ -1,0 +1,113 @@
+"""Service fixtures: real artifacts trained on the SciFact subset the project ships, and real
+uvicorn servers on loopback ports (a pre-bound socket, so no port races), talked to with httpx."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import ROOT, clustered
+
+DEMO_DATA = ROOT / "data" / "scifact-demo"
+TOKEN = "test-admin-token-0123"
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory) -> Path:
+    """Root with `text-v1` and `text-v2` (hashed-encoder poeem, different seeds, with canaries),
+    `vec-v1` (a vector-only two-step artifact, d=24) and a CURRENT pointer at text-v1."""
+    from index import build_ivfpq, write_artifact
+    from index.pointer import publish
+    from service.demo import build_demo
+
+    root = tmp_path_factory.mktemp("artifacts")
+    for seed, version in ((0, "text-v1"), (1, "text-v2")):
+        build_demo(root, DEMO_DATA, "hashed", version=version, seed=seed, epochs=1, max_seconds=4, dim=64)
+    x = clustered(2000, 24, seed=3)
+    write_artifact(root / "vec-v1", build_ivfpq(x, nlist=16, M=8, ids=[f"v{i}" for i in range(len(x))]))
+    publish(root, "text-v1")
+    return root
+
+
+@pytest.fixture
+def root_copy(artifact_root, tmp_path) -> Path:
+    """A private copy of the root for tests that add, corrupt or re-point artifacts."""
+    dst = tmp_path / "root"
+    shutil.copytree(artifact_root, dst)
+    return dst
+
+
+class Server:
+    def __init__(self, settings: Settings):
+        self.app = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """serve(root, **settings) -> a started Server; all stopped at teardown."""
+    started: list[Server] = []
+
+    def start(root: Path, **kw) -> Server:
+        kw.setdefault("device", "cpu")
+        kw.setdefault("admin_token", TOKEN)
+        s = Server(Settings(artifact_root=root, **kw)).__enter__()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def queries() -> list[str]:
+    from model.data import load_beir
+
+    data = load_beir(DEMO_DATA, splits=("test",))
+    return [data.queries[q] for q in sorted(data.qrels["test"])][:50]
+
+
+def admin(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def client(server: Server, **kw) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=60, **kw)
+
+
+def rng_vectors(n: int, d: int, seed: int = 0) -> list[list[float]]:
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32).tolist()
