@@ -107,7 +107,7 @@ def load_candidate(settings: Settings, name: str) -> Loaded:
         try:
             from model.encoders import load_encoder
 
-            encoder = load_encoder(path)
+            encoder = load_encoder(path).to(index.device)  # on CUDA the encoder runs there too
         except Exception as e:
             raise ReloadRefused(422, f"refused: artifact {name!r} has an unusable query encoder: {e}") from None
         if encoder.dim != index.data.d:

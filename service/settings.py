@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JOINTPQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="JOINTPQ_", extra="ignore", env_ignore_empty=True)
 
     artifact_root: Path = Field(Path("artifacts"), description="directory of artifact versions")
     artifact: str | None = Field(

@@ -1,0 +1,99 @@
+"""Deployment files, checked without a Docker engine (none runs on our machines): the compose
+file parses, every file, port and JOINTPQ_* variable it or a Dockerfile names exists, images run
+as a non-root user with a /readyz health check and no baked-in secret, and every command line
+they run parses with the real `jointpq` parser."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from service.cli import parser
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+yaml = pytest.importorskip("yaml")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def env_vars(text: str) -> set[str]:
+    return set(re.findall(r"\bJOINTPQ_[A-Z_]+\b", text))
+
+
+def settings_vars() -> set[str]:
+    return {f"JOINTPQ_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_compose_references_exist(compose):
+    services = compose["services"]
+    assert {"api", "lb", "trainer", "locust-master", "locust-worker"} <= set(services)
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (ROOT / src).exists(), f"{name}: {src} missing"
+            else:
+                assert src in compose["volumes"], f"{name}: unknown volume {src}"
+        deps = svc.get("depends_on", [])
+        assert set(deps) <= set(services), name
+    assert services["api"].get("ports") is None, "api must not bind a host port, or --scale api=N collides"
+    assert services["lb"]["ports"] == ["8000:8080"]
+    nginx = (ROOT / "docker" / "nginx.conf").read_text()
+    assert "listen 8080;" in nginx and "http://api:8000" in nginx and "resolver 127.0.0.11" in nginx
+    assert "8000" in services["api"]["expose"]
+    assert "--host http://lb:8080" in services["locust-master"]["command"]
+    assert "/mnt/loadtest/locustfile.py" in services["locust-worker"]["command"]
+    assert (ROOT / "loadtest" / "locustfile.py").is_file() and (ROOT / "data" / "scifact-demo" / "queries.jsonl").is_file()
+    for profile_only in ("trainer", "locust-master", "locust-worker", "api-gpu"):
+        assert services[profile_only].get("profiles"), profile_only
+
+
+def test_every_jointpq_variable_is_a_setting(compose):
+    text = (ROOT / "docker-compose.yml").read_text() + "".join(p.read_text() for p in DOCKERFILES)
+    unknown = env_vars(text) - settings_vars()
+    assert not unknown, f"not settings: {unknown}"
+    api_env = compose["services"]["api"]["environment"]
+    assert api_env["JOINTPQ_ARTIFACT_ROOT"] == "/artifacts" and api_env["JOINTPQ_WATCH"] == "true"
+    assert api_env["JOINTPQ_ADMIN_TOKEN"] == "${JOINTPQ_ADMIN_TOKEN:-}"  # from the caller, never a literal
+
+
+def test_empty_admin_token_means_admin_off(monkeypatch):
+    monkeypatch.setenv("JOINTPQ_ADMIN_TOKEN", "")  # what compose passes when the caller set none
+    assert Settings().admin_token is None
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile(dockerfile):
+    text = dockerfile.read_text()
+    lines = [ln.strip() for ln in text.splitlines()]
+    assert text.count("FROM ") >= 2, "multi-stage"
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "runs as non-root"
+    assert not re.search(r"ENV\s.*(TOKEN|PASSWORD|SECRET)\s*=", text), "no secret baked in"
+    for line in (ln for ln in lines if ln.startswith("COPY ") and "--from=" not in ln):
+        src = [w for w in line.split()[1:] if not w.startswith("--")][0]
+        assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} missing"
+    if "Dockerfile.train" not in dockerfile.name:
+        assert "HEALTHCHECK" in text and "/readyz" in text and 'VOLUME ["/artifacts"]' in text
+        assert 'ENTRYPOINT ["jointpq"]' in text and 'CMD ["serve"]' in text
+        parser().parse_args(["serve"])
+
+
+def test_trainer_command_parses():
+    script = (ROOT / "docker" / "train.sh").read_text()
+    cmd = script[script.index("exec jointpq") + len("exec jointpq") :].replace("\\\n", " ")
+    args = [a.replace('"', "") for a in shlex.split(cmd.replace('"$@"', ""), posix=False)]
+    args = [a.replace("${TRAIN_DATA}", "/d").replace("${TRAIN_ROOT}/${version}", "/a/v") for a in args]
+    ns = parser().parse_args(args)
+    assert ns.mode == "poeem" and ns.encoder == "minilm-head" and ns.publish
