@@ -54,8 +54,22 @@ def train_opq(
 
 
 def encode_pq(residuals: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(n, d) residuals, (M, K, dsub) codebooks -> (n, M) uint8 nearest codeword per subspace."""
-    M, _, ds = codebooks.shape
+    """(n, d) residuals, (M, K, dsub) codebooks -> (n, M) uint8 nearest codeword per subspace.
+
+    With short sub-vectors (dsub <= 8, e.g. 384-d at M=48) the GEMM formulation is memory-bound
+    (K scores per subspace written, then argmax-ed: 12k floats per item); on the CPU Faiss's
+    fused SIMD encoder is then ~3x faster and gives the same codes, so it is used when installed."""
+    M, K, ds = codebooks.shape
+    if ds <= 8 and K == 256 and residuals.device.type == "cpu" and residuals.shape[0] >= 4096:
+        from . import faiss_interop
+
+        if faiss_interop.available():
+            import faiss
+
+            pq = faiss.ProductQuantizer(M * ds, M, 8)
+            faiss.copy_array_to_vector(codebooks.detach().float().contiguous().numpy().ravel(), pq.centroids)
+            x = residuals.detach().float().contiguous().numpy()
+            return torch.from_numpy(pq.compute_codes(x)).reshape(-1, M)
     out = torch.empty(residuals.shape[0], M, dtype=torch.uint8, device=residuals.device)
     for s in range(0, residuals.shape[0], _ENCODE_CHUNK):
         sub = residuals[s : s + _ENCODE_CHUNK].reshape(-1, M, ds).transpose(0, 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from index.build import assemble, encode_pq, train_opq
+from index.build import assemble, assign_cells, encode_pq, train_opq
 from index.ivfpq import IVFPQ, METRICS, NBITS
 from index.kmeans import assign, kmeans
 
@@ -167,11 +167,12 @@ class IndexingLayer(nn.Module):
         cells, codes = [], []
         for s in tqdm(range(0, len(items), 1 << 16), desc="index items", disable=not progress, unit="chunk"):
             xr = items[s : s + (1 << 16)].to(R.device).float() @ R.T
-            _, c, j = self.quantize(xr)
+            c = assign_cells(xr, self.centroids, self.metric)  # codes only: no reconstruction needed
+            j = encode_pq(xr - self.centroids[c], self.codebooks)
             cells.append(c.cpu())
             codes.append(j.cpu())
         cells_t = torch.cat(cells) if cells else torch.zeros(0, dtype=torch.int64)
-        codes_t = torch.cat(codes) if codes else torch.zeros(0, self.M, dtype=torch.int64)
+        codes_t = torch.cat(codes) if codes else torch.zeros(0, self.M, dtype=torch.uint8)
         return assemble(
             self.metric,
             R.cpu(),

@@ -54,7 +54,8 @@ def test_compose_references_exist(compose):
     assert "8000" in services["api"]["expose"]
     assert "--host http://lb:8080" in services["locust-master"]["command"]
     assert "/mnt/loadtest/locustfile.py" in services["locust-worker"]["command"]
-    assert (ROOT / "loadtest" / "locustfile.py").is_file() and (ROOT / "data" / "scifact-demo" / "queries.jsonl").is_file()
+    assert (ROOT / "loadtest" / "locustfile.py").is_file()
+    assert (ROOT / "data" / "scifact-demo" / "queries.jsonl").is_file()
     for profile_only in ("trainer", "locust-master", "locust-worker", "api-gpu"):
         assert services[profile_only].get("profiles"), profile_only
 
@@ -82,7 +83,7 @@ def test_dockerfile(dockerfile):
     assert users and users[-1] not in ("root", "0"), "runs as non-root"
     assert not re.search(r"ENV\s.*(TOKEN|PASSWORD|SECRET)\s*=", text), "no secret baked in"
     for line in (ln for ln in lines if ln.startswith("COPY ") and "--from=" not in ln):
-        src = [w for w in line.split()[1:] if not w.startswith("--")][0]
+        src = next(w for w in line.split()[1:] if not w.startswith("--"))
         assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} missing"
     if "Dockerfile.train" not in dockerfile.name:
         assert "HEALTHCHECK" in text and "/readyz" in text and 'VOLUME ["/artifacts"]' in text
