@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-http loadtest clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,16 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/search.py
+
+# HTTP load benchmark (locust headless against `jointpq serve`): needs the demo artifact
+bench-http: install
+	$(BIN)/jointpq demo --no-serve
+	$(BIN)/python bench/http_load.py --root artifacts/demo --mix text --users 32 --workers 1 2
+
+# locust against a running service (HOST=http://127.0.0.1:8000 by default)
+HOST ?= http://127.0.0.1:8000
+loadtest: install
+	$(BIN)/locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 30s --host $(HOST)
 
 clean:
 	rm -rf $(VENV) artifacts

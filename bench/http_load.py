@@ -5,9 +5,9 @@ service, runs `loadtest/locustfile.py` for a set time and prints (and with --jso
 p50 / p95 / p99 latency per endpoint and the failure count. Beside it, the in-process engine's
 QPS for the same single vector queries at the same nprobe (no HTTP), so the HTTP overhead shows.
 
-    python bench/http.py --root artifacts/demo --mix text --users 32 --seconds 20
-    python bench/http.py --root artifacts/demo --mix mixed --reload-every 2 --reload-versions v1 v2
-    python bench/http.py --synthetic 1000000 --mix vector       # builds artifacts/bench-1m once
+    python bench/http_load.py --root artifacts/demo --mix text --users 32 --seconds 20
+    python bench/http_load.py --root artifacts/demo --mix mixed --reload-every 2 --reload-versions v1 v2
+    python bench/http_load.py --synthetic 1000000 --mix vector       # builds artifacts/bench-1m once
 
 `--reload-every N` hot-reloads between the given versions every N seconds during the run and
 exits non-zero if any request failed. Locust runs on the same machine as the service (on 2 cores
