@@ -1,6 +1,7 @@
 """Service latency and the effect of micro-batching, over real HTTP on loopback.
 
-Starts the service (uvicorn, one process) on a loopback port with an artifact root, then:
+Starts the service (`jointpq serve`, one uvicorn process, its own GIL) on a loopback port with an
+artifact root; this process is the client (httpx). Then:
 1. single-request latency: N sequential requests from one httpx client (p50 / p90 / p99);
 2. throughput under concurrency: C concurrent clients for T seconds, micro-batching on vs off
    (each its own fresh server), RPS and p50 / p99, plus the mean engine batch size from /metrics.
@@ -14,9 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,32 +23,11 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, for http_load
 
-from service.app import create_app
-from service.settings import Settings
+from http_load import Service
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "data" / "scifact-demo"
-
-
-class Server:
-    def __init__(self, settings: Settings):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -135,15 +113,15 @@ def main() -> None:
             cells = " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             print(cells, flush=True)
 
-    base = {"artifact_root": args.root, "device": "cpu", "torch_threads": 2}
     emit({"event": "artifact", "version": version, "n_items": idx.data.n, "backend": idx.backend})
-    with Server(Settings(**base)) as srv:
+    token = "bench-" + "0" * 16
+    with Service(args.root, 1, True, token, version) as srv:
         for kind in args.kinds:
             emit({"test": "sequential", "kind": kind, "batching": True, **sequential(srv.url, bodies[kind], args.n)})
     for batching in (True, False):
         for kind in args.kinds:
             for c in args.concurrency:
-                with Server(Settings(**base, batching=batching)) as srv:
+                with Service(args.root, 1, batching, token, version) as srv:
                     r = asyncio.run(closed_loop(srv.url, bodies[kind], c, args.seconds))
                     emit({"test": "concurrent", "kind": kind, "batching": batching, "clients": c, **r,
                           "mean_batch": mean_batch(srv.url)})  # fmt: skip

@@ -3,8 +3,9 @@
 Encoding and IVF-PQ scanning cost far less per query in a batch (one transformer pass, one lookup
 table build, one sweep over each probed cell for all queries in it), so under load the service
 answers more queries per second by working on many at once. The batcher waits for a free worker,
-then takes everything queued, up to `max_queries`, waiting at most `wait_s` for company; a request
-never waits longer than that plus the batch ahead of it.
+then takes everything queued, up to `max_queries`, waiting at most `wait_s` for company (not at
+all when the request is alone: nothing else waiting or running); a request never waits longer
+than that plus the batch ahead of it.
 
 A job carries the `Loaded` artifact its request saw, so a batch never mixes versions: jobs of
 different versions (around a hot swap) run as separate groups.
@@ -103,6 +104,7 @@ class MicroBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._waiting = 0  # requests submitted and not yet answered
 
     async def start(self) -> None:
         self._queue, self._slots = asyncio.Queue(), asyncio.Semaphore(self.workers)
@@ -120,8 +122,12 @@ class MicroBatcher:
         if self._queue is None:
             raise RuntimeError("batcher not started")
         job.future = asyncio.get_running_loop().create_future()
+        self._waiting += 1
         self._queue.put_nowait(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            self._waiting -= 1
 
     async def _next(self, timeout: float | None) -> Job | None:
         if self._carry:
@@ -146,7 +152,9 @@ class MicroBatcher:
                 self._slots.release()
                 raise
             batch, n = [first], first.size
-            deadline = loop.time() + self.wait_s
+            # a lone request (nothing else waiting or running) goes at once: no company is coming
+            alone = self._waiting <= 1 and not self._running
+            deadline = loop.time() + (0.0 if alone else self.wait_s)
             while n < self.max_queries:
                 job = await self._next(deadline - loop.time())
                 if job is None:
