@@ -235,6 +235,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={422: {"model": ErrorResponse, "description": "invalid request; `detail` names the field"}},
     )
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
+    metrics.watch_cache(lambda: holder.current.cache.stats() if holder.current and holder.current.cache else None)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
@@ -345,6 +346,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "max_k": settings.max_k,
             "default_nprobe": settings.default_nprobe,
             "max_batch": settings.max_batch,
+            "query_cache_size": settings.query_cache_size,
             "watch": settings.watch,
             "admin": settings.admin_token is not None,
         }

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,42 @@ from index.pointer import PathOutsideRoot, current_version, resolve_in_root
 from .settings import Settings
 
 log = logging.getLogger("jointpq.service")
+
+
+class QueryCache:
+    """Thread-safe LRU of query text -> embedding. Real query streams repeat (head queries), and
+    on a CPU the encoder costs 10-30x the index search, so a hit skips nearly all the work."""
+
+    def __init__(self, size: int):
+        self.size, self.hits, self.misses = size, 0, 0
+        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, texts: list[str]) -> tuple[list[np.ndarray | None], list[int]]:
+        out: list[np.ndarray | None] = []
+        missing = []
+        with self._lock:
+            for i, t in enumerate(texts):
+                v = self._data.get(t)
+                if v is None:
+                    missing.append(i)
+                else:
+                    self._data.move_to_end(t)
+                out.append(v)
+            self.hits += len(texts) - len(missing)
+            self.misses += len(missing)
+        return out, missing
+
+    def put_many(self, texts: list[str], vectors: np.ndarray) -> None:
+        with self._lock:
+            for t, v in zip(texts, vectors, strict=True):
+                self._data[t] = v
+                self._data.move_to_end(t)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        return {"size": len(self._data), "capacity": self.size, "hits": self.hits, "misses": self.misses}
 
 
 class ReloadRefused(Exception):  # noqa: N818 - reads as the outcome
@@ -59,10 +97,24 @@ class Loaded:
     def nlist(self) -> int:
         return self.index.data.nlist
 
+    cache: QueryCache | None = None
+
     def encode(self, texts: list[str]) -> np.ndarray:
+        """Query embeddings; repeated texts come from the LRU cache (one per artifact version, so
+        a reload can never serve another encoder's vectors)."""
         if self.encoder is None:
             raise JointPQError(f"artifact {self.version} has no query encoder: send vectors")
-        return self.encoder.encode(texts, batch_size=max(len(texts), 1)).numpy()
+        if self.cache is None:
+            return self.encoder.encode(texts, batch_size=max(len(texts), 1)).numpy()
+        out, missing = self.cache.get_many(texts)
+        if missing:
+            todo = list(dict.fromkeys(texts[i] for i in missing))
+            fresh = self.encoder.encode(todo, batch_size=len(todo)).numpy()
+            self.cache.put_many(todo, fresh)
+            row = {t: fresh[j] for j, t in enumerate(todo)}
+            for i in missing:
+                out[i] = row[texts[i]]
+        return np.stack(out)
 
     def summary(self) -> dict[str, Any]:
         m = self.index.manifest
@@ -84,6 +136,7 @@ class Loaded:
             "backend": self.index.backend,
             "loaded_at": self.loaded_at,
             "checks": self.checks,
+            "query_cache": self.cache.stats() if self.cache else None,
         }
 
 
@@ -112,7 +165,8 @@ def load_candidate(settings: Settings, name: str) -> Loaded:
             raise ReloadRefused(422, f"refused: artifact {name!r} has an unusable query encoder: {e}") from None
         if encoder.dim != index.data.d:
             raise ReloadRefused(422, f"refused: encoder outputs {encoder.dim} dims, the index has {index.data.d}")
-    candidate = Loaded(name, path, index, encoder, time.time(), checks)
+    cache = QueryCache(settings.query_cache_size) if encoder is not None and settings.query_cache_size else None
+    candidate = Loaded(name, path, index, encoder, time.time(), checks, cache)
     try:
         _smoke(candidate, settings)
         _canary_gate(candidate, settings)

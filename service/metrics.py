@@ -36,6 +36,13 @@ class Metrics:
         self.reloads = Counter("jointpq_reloads", "reload attempts by result", ["result"], registry=r)
         self.rollbacks = Counter("jointpq_rollbacks", "rollbacks to the previous artifact", registry=r)
 
+    def watch_cache(self, stats) -> None:
+        """Expose the serving artifact's query-cache counters (`stats()` -> dict or None) at scrape time."""
+        for key in ("hits", "misses", "size"):
+            g = Gauge(f"jointpq_query_cache_{key}", f"query embedding cache {key} (since the artifact loaded)",
+                      registry=self.registry)  # fmt: skip
+            g.set_function(lambda key=key: float((stats() or {}).get(key, 0)))
+
     def observe_batch(self, requests: int, queries: int, seconds: float) -> None:
         self.batch_requests.observe(requests)
         self.batch_queries.observe(queries)

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     batch_max_queries: int = Field(128, ge=1, description="largest coalesced batch")
     batch_wait_ms: float = Field(1.0, ge=0, description="how long a batch waits for company once a worker is free")
 
+    query_cache_size: int = Field(
+        10_000, ge=0, description="LRU of query embeddings per artifact (0: off); 10k x 384-d = 15 MB"
+    )
+
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin is off when unset")
     canary_min_recall: float | None = Field(
         None, ge=0, le=1, description="quality gate on reload; default: the artifact's own min_recall"

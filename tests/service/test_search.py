@@ -85,3 +85,21 @@ def test_concurrent_requests_are_coalesced_and_answered_correctly(serve, artifac
     # 40 requests (+ 0 warm-ups: those bypass the batcher) in fewer engine calls than requests
     assert batches["jointpq_batch_requests_sum"] == 40
     assert batches["jointpq_batch_requests_count"] < 40
+
+
+def test_query_cache_serves_repeats_identically(serve, artifact_root, queries):
+    srv = serve(artifact_root)
+    with client(srv) as c:
+        before = c.get("/info").json()["artifact"]["query_cache"]  # the reload checks encoded canaries
+        first = c.post("/search", json={"queries": queries[:4]}).json()
+        again = c.post("/search", json={"queries": [queries[1], queries[0], queries[9]]}).json()
+        stats = c.get("/info").json()["artifact"]["query_cache"]
+        m = c.get("/metrics").text
+    assert again["results"][0] == first["results"][1] and again["results"][1] == first["results"][0]
+    hits, misses = stats["hits"] - before["hits"], stats["misses"] - before["misses"]
+    assert hits + misses == 7 and hits >= 2  # queries[1], queries[0] repeat (others may be canaries)
+    assert f"jointpq_query_cache_hits {float(stats['hits'])}" in m
+    off = serve(artifact_root, query_cache_size=0)
+    with client(off) as c:
+        assert c.post("/search", json={"queries": queries[:4]}).json()["results"] == first["results"]
+        assert c.get("/info").json()["artifact"]["query_cache"] is None
