@@ -95,9 +95,11 @@ class Service:
             self.proc.kill()
 
 
-def run_locust(url: str, users: int, seconds: float, mix: str, out_dir: Path) -> list[dict]:
+def run_locust(url: str, users: int, seconds: float, mix: str, out_dir: Path, rate: float | None = None) -> list[dict]:
     prefix = out_dir / f"locust-{users}"
     env = {**os.environ, "LOADTEST_WEIGHTS": MIXES[mix]}
+    if rate:
+        env["LOADTEST_RATE"] = str(rate)
     cmd = [
         bin_path("locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "--only-summary",
         "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--host", url, "--csv", str(prefix),
@@ -130,6 +132,16 @@ def reloader(url: str, token: str, versions: list[str], every: float, stop: thre
                        timeout=60)  # fmt: skip
         log.append((v, r.status_code))
         i += 1
+
+
+def warm(url: str, workers: int) -> None:
+    """Every query of the locustfile's pool once per worker process (each has its own cache)."""
+    path = Path(os.environ.get("LOADTEST_QUERIES", ROOT / "data" / "scifact-demo" / "queries.jsonl"))
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for _ in range(workers * 3):  # connections land on workers at random: go round a few times
+            for s in range(0, len(texts), 64):
+                c.post("/search", json={"queries": texts[s : s + 64]}, headers={"connection": "close"})
 
 
 def engine_qps(root: Path, version: str, nprobe: int, seconds: float = 5.0) -> dict:
@@ -176,9 +188,13 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--workers", type=int, nargs="+", default=[1])
     p.add_argument("--batching", choices=("on", "off", "both"), default="both")
+    p.add_argument("--rate", type=float, help="requests/s per user (offered load = users x rate); default: flat out")
     p.add_argument("--reload-every", type=float, help="hot-reload every N seconds during each run")
     p.add_argument("--reload-versions", nargs="+", help="versions to alternate between (default: all in root)")
     p.add_argument("--nprobe", type=int, default=16, help="the service's default nprobe (for the engine row)")
+    p.add_argument(
+        "--warm-cache", action="store_true", help="send every query text once before the run (steady-state cache)"
+    )
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
 
@@ -202,6 +218,8 @@ def main() -> int:
             for batching in batchings:
                 for users in args.users:
                     with Service(root, workers, batching, token, version) as svc:
+                        if args.warm_cache:
+                            warm(svc.url, workers)
                         stop, log = threading.Event(), []
                         t = None
                         if args.reload_every:
@@ -209,13 +227,15 @@ def main() -> int:
                                 target=reloader, args=(svc.url, token, versions, args.reload_every, stop, log)
                             )
                             t.start()
-                        stats = run_locust(svc.url, users, args.seconds, args.mix, Path(tmp))
+                        stats = run_locust(svc.url, users, args.seconds, args.mix, Path(tmp), args.rate)
                         stop.set()
                         if t:
                             t.join()
                     for s in stats:
                         row = {"workers": workers, "batching": batching, "users": users, "mix": args.mix,
-                               "artifact": f"{root.name}/{version}", **s}  # fmt: skip
+                               "artifact": f"{root.name}/{version}", "warm_cache": args.warm_cache,
+                               "rate_per_user": args.rate,
+                               "query_cache": os.environ.get("JOINTPQ_QUERY_CACHE_SIZE", "default"), **s}  # fmt: skip
                         if args.reload_every:
                             row["reloads"] = len(log)
                             row["reloads_ok"] = sum(code == 200 for _, code in log)

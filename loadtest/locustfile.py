@@ -12,6 +12,8 @@ Environment:
     LOADTEST_QUERIES   BEIR queries.jsonl to draw texts from (default: the shipped SciFact subset)
     LOADTEST_WEIGHTS   e.g. "text=1,vector=0,batch=0,invalid=0" to change the mix
     LOADTEST_K         k per query (default 10)
+    LOADTEST_RATE      requests/s per user (offered load = users x rate); default: as fast as possible
+    LOADTEST_WAIT      fixed pause between a user's requests, in seconds
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import os
 import random
 from pathlib import Path
 
-from locust import FastHttpUser, constant, tag, task
+from locust import FastHttpUser, constant, constant_throughput, tag, task
 
 HERE = Path(__file__).resolve().parent
 QUERIES = Path(os.environ.get("LOADTEST_QUERIES", HERE.parent / "data" / "scifact-demo" / "queries.jsonl"))
 K = int(os.environ.get("LOADTEST_K", "10"))
 WAIT = float(os.environ.get("LOADTEST_WAIT", "0"))
+RATE = float(os.environ.get("LOADTEST_RATE", "0"))  # per-user requests/s: users x rate = offered load
 
 
 def _texts() -> list[str]:
@@ -56,7 +59,7 @@ INVALID = [  # (body, expected status)
 
 
 class SearchUser(FastHttpUser):
-    wait_time = constant(WAIT)
+    wait_time = constant_throughput(RATE) if RATE else constant(WAIT)
     dim: int | None = None
 
     def on_start(self) -> None:

@@ -129,41 +129,38 @@ class MicroBatcher:
         finally:
             self._waiting -= 1
 
-    async def _next(self, timeout: float | None) -> Job | None:
-        if self._carry:
-            return self._carry.popleft()
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            if timeout is not None and timeout <= 0:
-                return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout) if timeout else await self._queue.get()
-        except TimeoutError:
-            return None
+    def _take(self, batch: list[Job], n: int) -> int:
+        """Move queued jobs into `batch` up to `max_queries`; a job that does not fit starts the next."""
+        while n < self.max_queries:
+            if self._carry:
+                job = self._carry.popleft()
+            else:
+                try:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            if n + job.size > self.max_queries:
+                self._carry.appendleft(job)
+                break
+            batch.append(job)
+            n += job.size
+        return n
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._slots.acquire()  # wait for a free worker first: meanwhile requests pile up
             try:
-                first = await self._next(None)
+                first = self._carry.popleft() if self._carry else await self._queue.get()
             except BaseException:
                 self._slots.release()
                 raise
-            batch, n = [first], first.size
-            # a lone request (nothing else waiting or running) goes at once: no company is coming
-            alone = self._waiting <= 1 and not self._running
-            deadline = loop.time() + (0.0 if alone else self.wait_s)
-            while n < self.max_queries:
-                job = await self._next(deadline - loop.time())
-                if job is None:
-                    break
-                if n + job.size > self.max_queries:
-                    self._carry.append(job)  # starts the next batch
-                    break
-                batch.append(job)
-                n += job.size
+            batch = [first]
+            n = self._take(batch, first.size)
+            # wait once for company, only when other requests are in flight (load) and there is room;
+            # a lone request goes at once. One sleep, not a timed get per job: cheap per request.
+            if n < self.max_queries and self.wait_s > 0 and self._waiting > len(batch):
+                await asyncio.sleep(self.wait_s)
+                n = self._take(batch, n)
             task = asyncio.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
