@@ -60,11 +60,17 @@ def test_health_info_and_metrics_count_what_was_done(artifact_root, serve, queri
 def test_one_json_access_line_per_request(artifact_root, serve, caplog):
     from service.logs import JsonFormatter
 
-    s = serve(artifact_root)
-    with caplog.at_level(logging.INFO, logger="jointpq.access"), client(s) as c:
+    caplog.set_level(logging.INFO, logger="jointpq.access")  # for the whole test: the line is
+    s = serve(artifact_root)  # written after the response is sent, maybe after the client is done
+    with client(s) as c:
         r = c.post("/search", json={"query": "x", "k": 0})
     rid = r.headers["x-request-id"]
-    recs = [rec for rec in caplog.records if rec.name == "jointpq.access" and rec.request_id == rid]
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [rec for rec in caplog.records if rec.name == "jointpq.access" and rec.request_id == rid]
+        if recs or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(recs) == 1
     line = json.loads(JsonFormatter().format(recs[0]))
     assert line["status"] == 422 and line["path"] == "/search" and line["method"] == "POST"
