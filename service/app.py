@@ -254,31 +254,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # -- search ---------------------------------------------------------------------------------
 
+    def batch_of(req: Any, one: str, many: str) -> tuple[list, str, bool]:
+        """`[req.<one>]` or `req.<many>`, checked for emptiness (400) and size (413); the field to blame."""
+        single = getattr(req, one) is not None
+        items, field = ([getattr(req, one)], one) if single else (getattr(req, many), many)
+        if not items:
+            raise ApiError(400, f"{many} is empty: give at least one", field)
+        if len(items) > settings.max_batch:
+            raise ApiError(413, f"{many} holds {len(items)} {many}, at most {settings.max_batch}", field)
+        return items, field, single
+
     def parse(req: Any, loaded: Loaded) -> tuple[list[str] | None, np.ndarray | None]:
         """The request's texts or vectors, checked against the serving artifact."""
         if req.query is not None or req.queries is not None:
-            field = "query" if req.query is not None else "queries"
-            texts = [req.query] if req.query is not None else req.queries
-            if not texts:
-                raise ApiError(400, "queries is empty: give at least one query", field)
-            if len(texts) > settings.max_batch:
-                raise ApiError(413, f"queries holds {len(texts)} queries, at most {settings.max_batch}", field)
+            texts, field, single = batch_of(req, "query", "queries")
             for i, t in enumerate(texts):
                 if not t.strip():
-                    where = field if req.query is not None else f"queries[{i}]"
+                    where = field if single else f"queries[{i}]"
                     raise ApiError(400, f"{where} is empty", where)
             if loaded.encoder is None:
                 raise ApiError(400, f"artifact {loaded.version} has no query encoder: send vector or vectors", field)
             return texts, None
-        field = "vector" if req.vector is not None else "vectors"
-        rows = [req.vector] if req.vector is not None else req.vectors
-        if not rows:
-            raise ApiError(400, "vectors is empty: give at least one vector", field)
-        if len(rows) > settings.max_batch:
-            raise ApiError(413, f"vectors holds {len(rows)} vectors, at most {settings.max_batch}", field)
+        rows, field, single = batch_of(req, "vector", "vectors")
         for i, row in enumerate(rows):
             if len(row) != loaded.dim:
-                where = field if req.vector is not None else f"vectors[{i}]"
+                where = field if single else f"vectors[{i}]"
                 raise ApiError(422, f"{where} has {len(row)} dimensions, the artifact expects {loaded.dim}", where)
         return None, np.asarray(rows, dtype=np.float32)
 

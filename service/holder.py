@@ -170,8 +170,6 @@ def load_candidate(settings: Settings, name: str) -> Loaded:
     try:
         _smoke(candidate, settings)
         _canary_gate(candidate, settings)
-    except ReloadRefused:
-        raise
     except (JointPQError, ValueError, RuntimeError) as e:
         raise ReloadRefused(422, f"refused: artifact {name!r} failed its smoke test: {e}") from None
     checks["load_seconds"] = round(time.perf_counter() - t0, 4)
