@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,16 @@ class Loaded:
     loaded_at: float
     checks: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    # read on every request: computed once (the index never changes once loaded)
+    @cached_property
     def version(self) -> str:
         return self.index.version
 
-    @property
+    @cached_property
     def dim(self) -> int:
         return self.index.data.d
 
-    @property
+    @cached_property
     def nlist(self) -> int:
         return self.index.data.nlist
 

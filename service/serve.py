@@ -40,6 +40,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument("--watch", action="store_true", help="hot-reload when the pointer file changes")
     p.add_argument("--no-batching", action="store_true", help="one engine call per request")
+    p.add_argument(
+        "--inline-vector-search", action="store_true", help="with --no-batching: vector searches on the event loop"
+    )
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,8 @@ def apply_flags(args: argparse.Namespace) -> None:
         os.environ["JOINTPQ_WATCH"] = "true"
     if getattr(args, "no_batching", False):
         os.environ["JOINTPQ_BATCHING"] = "false"
+    if getattr(args, "inline_vector_search", False):
+        os.environ["JOINTPQ_INLINE_VECTOR_SEARCH"] = "true"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ CASES = [  # (body, status, field, words in the message)
     ({"query": "   "}, 400, "query", "empty"),
     ({"queries": []}, 400, "queries", "empty"),
     ({"queries": ["fine", " "]}, 400, "queries[1]", "empty"),
-    ({"queries": "not a list"}, 422, "queries", "list"),
+    ({"queries": "not a list"}, 422, "queries", "array"),
     ({"vector": [0.1] * 63}, 422, "vector", "63 dimensions"),
     ({"vectors": [V64, [0.1] * 3]}, 422, "vectors[1]", "3 dimensions"),
     ({"vectors": []}, 400, "vectors", "empty"),

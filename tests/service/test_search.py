@@ -45,8 +45,10 @@ def test_text_and_batch_match_the_index(serve, artifact_root, queries, direct, b
         assert [res["ids"] for res in r.json()["results"]] == ids
 
 
-def test_vector_queries_match_the_index(serve, artifact_root, direct):
-    srv = serve(artifact_root)
+@pytest.mark.parametrize("mode", ["batching", "inline"])
+def test_vector_queries_match_the_index(serve, artifact_root, direct, mode):
+    inline = mode == "inline"  # batching off, vector searches on the event loop
+    srv = serve(artifact_root, batching=not inline, inline_vector_search=inline)
     vecs = rng_vectors(6, 64, seed=4)
     idx, _ = direct
     scores, ids = idx.search(np.asarray(vecs, np.float32), 7, 4)
@@ -103,3 +105,30 @@ def test_query_cache_serves_repeats_identically(serve, artifact_root, queries):
     with client(off) as c:
         assert c.post("/search", json={"queries": queries[:4]}).json()["results"] == first["results"]
         assert c.get("/info").json()["artifact"]["query_cache"] is None
+
+
+def test_the_documented_route_answers_like_the_fast_path(serve, artifact_root, queries):
+    """The middleware sends POST /search straight to the handler; the FastAPI route (what the
+    OpenAPI schema documents) calls the same handler. Both must give the same answers and errors."""
+    from service.settings import Settings
+    from tests.service.conftest import TOKEN, Server
+
+    fast = serve(artifact_root)
+    routed = Server(Settings(artifact_root=artifact_root, device="cpu", admin_token=TOKEN))
+    routed.app.user_middleware.clear()  # no RequestMiddleware: requests reach the route
+    bodies = [
+        {"query": queries[3], "k": 4},
+        {"vectors": rng_vectors(2, 64, seed=9), "nprobe": 2},
+        {"query": "x", "k": 0},
+        {"vector": [0.1] * 3},
+        {},
+    ]
+    with routed, client(routed) as r, client(fast) as f:
+        answers = [(r.post("/search", json=b), f.post("/search", json=b)) for b in bodies]
+        assert "x-request-id" not in answers[0][0].headers and "x-request-id" in answers[0][1].headers
+    for b, (ra, fa) in zip(bodies, answers, strict=True):
+        assert ra.status_code == fa.status_code, (b, ra.text, fa.text)
+        rj, fj = ra.json(), fa.json()
+        rj.pop("took_ms", None), fj.pop("took_ms", None)
+        assert rj == fj, b
+    assert [fa.status_code for _, fa in answers] == [200, 200, 422, 422, 422]
