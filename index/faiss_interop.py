@@ -153,6 +153,14 @@ class FaissSearcher:
         eye = torch.equal(index.rotation, torch.eye(index.d))
         self.rotation_t = None if eye else np.ascontiguousarray(index.rotation.numpy().T)
         self.device = torch.device("cpu")
+        self._by_nprobe: dict[int, object] = {}
+
+    def _params(self, nprobe: int):
+        """One SearchParametersIVF per nprobe, kept: Faiss only reads it, so threads can share it."""
+        p = self._by_nprobe.get(nprobe)
+        if p is None:
+            p = self._by_nprobe[nprobe] = self.faiss.SearchParametersIVF(nprobe=nprobe)
+        return p
 
     def search_rows(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         queries = check_queries(queries, self.d)
@@ -161,7 +169,7 @@ class FaissSearcher:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if self.rotation_t is not None:
             xq = xq @ self.rotation_t
-        params = self.faiss.SearchParametersIVF(nprobe=min(int(nprobe), self.nlist))
+        params = self._params(min(int(nprobe), self.nlist))
         D, I = self.ivf.search(xq, int(k), params=params)  # noqa: E741 - Faiss's names
         pad = -np.inf if self.metric == "ip" else np.inf
         D = np.where(I < 0, pad, D).astype(np.float32)

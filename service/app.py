@@ -131,7 +131,7 @@ class RequestMiddleware:
             route = "/search" if fast else getattr(scope.get("route"), "path", None)
             route = route if route in ROUTES else ("/docs" if scope["path"].startswith("/docs") else "other")
             self.metrics.request_done(route, scope["method"], state["status"], seconds)
-            if route != "/metrics":
+            if route != "/metrics" and ACCESS.isEnabledFor(logging.INFO):
                 ACCESS.info(
                     "request",
                     extra={
