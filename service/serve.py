@@ -73,11 +73,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: JOINTPQ_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if settings.workers > 1:
-        # OpenMP threads (torch, Faiss) spin-wait after each parallel region by default: with several
-        # worker processes on few cores they burn the CPU the other workers need (measured on 2 cores,
-        # 2 workers, batching on, demo vectors: 841 -> 2,146 RPS). The workers inherit this.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     uvicorn.run(
         "service.app:app_from_env",
         factory=True,
