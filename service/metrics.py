@@ -35,22 +35,22 @@ class Metrics:
         self.ready = Gauge("jointpq_ready", "1 when an artifact is loaded and warmed", registry=r)
         self.reloads = Counter("jointpq_reloads", "reload attempts by result", ["result"], registry=r)
         self.rollbacks = Counter("jointpq_rollbacks", "rollbacks to the previous artifact", registry=r)
-        self._children: dict[tuple, tuple] = {}  # labels() re-validates its values on every call
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, kept: labels() re-validates its values on every call."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = (self.requests.labels(route, method, str(status)), self.latency.labels(route))
-        child[0].inc()
-        child[1].observe(seconds)
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.latency, route).observe(seconds)
 
     def searched(self, kind: str, n: int) -> None:
-        key = ("queries", kind)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = (self.queries.labels(kind),)
-        child[0].inc(n)
+        self._child(self.queries, kind).inc(n)
 
     def watch_cache(self, stats) -> None:
         """Expose the serving artifact's query-cache counters (`stats()` -> dict or None) at scrape time."""
