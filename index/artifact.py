@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ArtifactError
-from .ivfpq import IVFPQ, code_size
+from .ivfpq import IVFPQ, METRICS, NBITS, code_size
 
 FORMAT = "jointpq-ivfpq"
 FORMAT_VERSION = 1
@@ -40,6 +41,9 @@ MANIFEST = "manifest.json"
 TENSORS = "index.safetensors"
 IDS = "item_ids.json"
 _TENSOR_NAMES = ("rotation", "centroids", "codebooks", "codes", "offsets")
+# Bounds on what a manifest may claim, checked before anything is sized from it: a crafted
+# manifest must be refused with its field named, not reach an allocation or a division.
+LIMITS = {"dim": 1 << 16, "nlist": 1 << 24, "M": 1 << 12, "nbits": 8, "n_items": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,23 @@ class Manifest:
             "training": self.training,
             "files": self.files,
         }
+
+
+def read_json(path: Path, what: str | None = None) -> Any:
+    """Parse a JSON file of an artifact; any way it can be bad (unreadable, not UTF-8, not JSON,
+    nested past the parser's depth, an integer over Python's 4300-digit limit) becomes one
+    `ArtifactError` naming the file, so a crafted file is refused instead of crashing a loader."""
+    what = what or path.name
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ArtifactError(f"{what}: unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"{what}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ArtifactError(f"{what}: JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and int() past sys.get_int_max_str_digits()
+        raise ArtifactError(f"{what}: not valid JSON ({str(e)[:200]})") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -120,6 +141,8 @@ def write_artifact(
         tensors = {name: getattr(index, name).detach().cpu().contiguous() for name in _TENSOR_NAMES}
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         (tmp / IDS).write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
+        # safetensors creates its file 0600; give it the mode the umask gives every other file
+        os.chmod(tmp / TENSORS, stat.S_IMODE((tmp / IDS).stat().st_mode))
         for name, content in (extra_files or {}).items():
             dest = tmp / _check_relpath(name)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -183,30 +206,43 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ArtifactError(f"{path}: not an artifact directory")
     if not mpath.is_file():
         raise ArtifactError(f"{MANIFEST}: missing in {path}")
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{MANIFEST}: not valid JSON ({e})") from None
+    raw = read_json(mpath, MANIFEST)
     if not isinstance(raw, dict):
         raise ArtifactError(f"{MANIFEST}: expected a JSON object")
     if raw.get("format") != FORMAT:
-        raise ArtifactError(f"{MANIFEST}: format is {raw.get('format')!r}, expected {FORMAT!r}")
+        raise ArtifactError(f"{MANIFEST}: format is {_short(raw.get('format'))}, expected {FORMAT!r}")
     if raw.get("format_version") != FORMAT_VERSION:
-        got = raw.get("format_version")
-        raise ArtifactError(f"{MANIFEST}: format_version {got!r} is not supported (this build reads {FORMAT_VERSION})")
-    ints = ("dim", "nlist", "M", "nbits", "n_items")
-    for key in ints:
-        if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool) or raw[key] < 0:
-            raise ArtifactError(f"{MANIFEST}: field {key!r} must be a non-negative integer, got {raw.get(key)!r}")
-    for key in ("version", "metric", "created"):
+        got = _short(raw.get("format_version"))
+        raise ArtifactError(f"{MANIFEST}: format_version {got} is not supported (this build reads {FORMAT_VERSION})")
+    for key in ("dim", "nlist", "M", "nbits", "n_items"):
+        v = raw.get(key)
+        low = 0 if key == "n_items" else 1
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= LIMITS[key]:
+            bounds = f"[{low}, {LIMITS[key]}]"
+            raise ArtifactError(f"{MANIFEST}: field {key!r} must be an integer in {bounds}, got {_short(v)}")
+    if raw["nbits"] not in NBITS:
+        raise ArtifactError(f"{MANIFEST}: field 'nbits' must be one of {NBITS}, got {raw['nbits']}")
+    if raw["dim"] % raw["M"] or (raw["nbits"] == 4 and raw["M"] % 2):
+        raise ArtifactError(f"{MANIFEST}: M={raw['M']} must divide dim={raw['dim']} (and be even for 4-bit codes)")
+    if raw.get("metric") not in METRICS:
+        raise ArtifactError(f"{MANIFEST}: field 'metric' must be one of {METRICS}, got {_short(raw.get('metric'))}")
+    for key in ("version", "created"):
         if not isinstance(raw.get(key), str):
-            raise ArtifactError(f"{MANIFEST}: field {key!r} must be a string, got {raw.get(key)!r}")
+            raise ArtifactError(f"{MANIFEST}: field {key!r} must be a string, got {_short(raw.get(key))}")
+    if not isinstance(raw.get("training") or {}, dict):
+        raise ArtifactError(f"{MANIFEST}: field 'training' must be a JSON object")
     files = raw.get("files")
     if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+        isinstance(v, dict)
+        and isinstance(v.get("sha256"), str)
+        and isinstance(v.get("bytes"), int)
+        and not isinstance(v.get("bytes"), bool)
+        and v["bytes"] >= 0
         for v in files.values()
     ):
-        raise ArtifactError(f"{MANIFEST}: field 'files' must map names to {{sha256, bytes}}")
+        raise ArtifactError(f"{MANIFEST}: field 'files' must map names to {{sha256, bytes >= 0}}")
+    for name in files:
+        _check_relpath(name)
     for required in (TENSORS, IDS):
         if required not in files:
             raise ArtifactError(f"{MANIFEST}: does not list {required}")
@@ -259,8 +295,8 @@ def read_artifact(path: str | Path, *, verify: bool = True) -> tuple[Manifest, I
     expect = {
         "rotation": ((m.dim, m.dim), torch.float32),
         "centroids": ((m.nlist, m.dim), torch.float32),
-        "codebooks": ((m.M, 1 << m.nbits, m.dim // m.M if m.M else 0), torch.float32),
-        "codes": ((m.n_items, code_size(m.M, m.nbits) if m.nbits in (4, 8) else -1), torch.uint8),
+        "codebooks": ((m.M, 1 << m.nbits, m.dim // m.M), torch.float32),  # read_manifest bounded these
+        "codes": ((m.n_items, code_size(m.M, m.nbits)), torch.uint8),
         "offsets": ((m.nlist + 1,), torch.int64),
     }
     for name, (shape, dtype) in expect.items():
@@ -279,11 +315,17 @@ def read_artifact(path: str | Path, *, verify: bool = True) -> tuple[Manifest, I
     return manifest, index
 
 
-def _read_ids(path: Path) -> np.ndarray:
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a value from a file, cut short: an error message must not echo a megabyte back."""
     try:
-        ids = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{IDS}: unreadable ({e})") from None
+        text = repr(value)
+    except ValueError:  # an int past the str-conversion digit limit
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    ids = read_json(path, IDS)
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ArtifactError(f"{IDS}: expected a JSON list of strings")
     if len(set(ids)) != len(ids):

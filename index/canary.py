@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .artifact import read_json
 from .errors import ArtifactError
 
 CANARY = "canary.json"
@@ -92,20 +93,42 @@ def read_canaries(artifact: str | Path) -> CanarySet | None:
     path = Path(artifact) / CANARY
     if not path.is_file():
         return None
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        queries = tuple(
-            Canary(
-                tuple(str(e) for e in q["expected"]),
-                tuple(float(x) for x in q.get("vector") or ()),
-                q.get("text"),
-            )
-            for q in raw["queries"]
-        )
-        k, nprobe, min_recall = int(raw.get("k", 100)), int(raw.get("nprobe", 16)), float(raw.get("min_recall", 0))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{path}: malformed canary file ({type(e).__name__}: {e})") from e
-    if k < 1 or nprobe < 1 or not 0 <= min_recall <= 1 or any(not q.expected for q in queries):
-        raise ArtifactError(f"{path}: k and nprobe must be >= 1, min_recall in [0, 1], every canary needs ids")
+    raw = read_json(path, CANARY)
+    if not isinstance(raw, dict) or not isinstance(raw.get("queries"), list):
+        raise ArtifactError(f"{CANARY}: expected an object with a 'queries' list")
+    queries = tuple(_canary(i, q) for i, q in enumerate(raw["queries"]))
+    k, nprobe = _number(raw, "k", int, 100), _number(raw, "nprobe", int, 16)
+    min_recall = _number(raw, "min_recall", float, 0.0)
+    if k < 1 or nprobe < 1 or not 0 <= min_recall <= 1:
+        raise ArtifactError(f"{CANARY}: k and nprobe must be >= 1, min_recall in [0, 1]")
     measured = raw.get("measured_recall")
-    return CanarySet(queries, k, nprobe, min_recall, None if measured is None else float(measured))
+    measured = None if measured is None else _number(raw, "measured_recall", float, 0.0)
+    return CanarySet(queries, k, nprobe, min_recall, measured)
+
+
+def _number(raw: dict[str, Any], key: str, kind: type, default: float) -> Any:
+    """raw[key] as `kind` (int accepts only integers; float also takes integers), else refuse."""
+    v = raw.get(key, default)
+    ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+    if not ok or isinstance(v, bool) or (kind is float and not np.isfinite(v)):
+        raise ArtifactError(f"{CANARY}: field {key!r} must be a {kind.__name__}, got {type(v).__name__}")
+    return kind(v)
+
+
+def _canary(i: int, q: Any) -> Canary:
+    """One canary entry, type-checked: `expected` a non-empty list of ids, `text` a string or
+    null, `vector` a list of finite numbers. A wrong type is refused here with the entry named,
+    not later inside an encoder or a search."""
+    where = f"{CANARY}: queries[{i}]"
+    if not isinstance(q, dict):
+        raise ArtifactError(f"{where} must be an object")
+    expected, text, vector = q.get("expected"), q.get("text"), q.get("vector") or []
+    if not isinstance(expected, list) or not expected or not all(isinstance(e, (str, int)) for e in expected):
+        raise ArtifactError(f"{where}.expected must be a non-empty list of ids")
+    if text is not None and not isinstance(text, str):
+        raise ArtifactError(f"{where}.text must be a string or null, got {type(text).__name__}")
+    if not isinstance(vector, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in vector
+    ):
+        raise ArtifactError(f"{where}.vector must be a list of finite numbers")
+    return Canary(tuple(str(e) for e in expected), tuple(float(x) for x in vector), text)

@@ -44,6 +44,10 @@ STRATEGIES = ("auto", "cells", "pairs")
 _BUF_ELEMS = 1 << 25  # per-chunk score buffer bound: 32M floats = 128 MB
 _PAIR_ELEMS = 1 << 20  # per-chunk candidate bound for `pairs` (x M int32 indices)
 _LUT_ELEMS = 1 << 24  # per-chunk lookup tables: 64 MB, and B * M * 256 stays far below 2**31
+# Largest query norm searched: scores are sums of products of the (rotated) query with
+# centroids and codewords in float32, so a finite query of norm ~1e38 still overflows to inf
+# and ranks nothing. 1e18 leaves 1e20 of headroom for item norms; no embedding comes near it.
+MAX_QUERY_NORM = 1e18
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -73,6 +77,11 @@ def check_queries(queries, d: int) -> np.ndarray | torch.Tensor:
     finite = torch.isfinite(queries).all() if isinstance(queries, torch.Tensor) else np.isfinite(queries).all()
     if not bool(finite):
         raise SearchError("queries contain NaN or infinite values")
+    if len(queries):
+        as64 = queries.double() if isinstance(queries, torch.Tensor) else np.asarray(queries, dtype=np.float64)
+        top = float((as64**2).sum(1).max()) ** 0.5
+        if top > MAX_QUERY_NORM:
+            raise SearchError(f"a query vector has norm {top:.3g}, above {MAX_QUERY_NORM:.0e}: scores would overflow")
     return queries
 
 

@@ -241,15 +241,109 @@ def encoder_files(encoder: TextEncoder) -> dict[str, bytes]:
     return files
 
 
+# Upper bounds on a config's sizes, far above any real encoder: a crafted encoder.json must be
+# refused before it sizes an allocation (2M hash buckets x 128 = 1 GB of weights).
+CONFIG_LIMITS = {"dim": 8192, "buckets": 1 << 24, "hidden": 16384, "emb": 8192, "max_features": 1 << 16}
+_HASHED_DEFAULTS = {"dim": 128, "buckets": 1 << 18, "hidden": 256, "emb": 128, "max_features": 512}
+_BERT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings")
+
+
+def _bounded_int(where: str, value: Any, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+        raise ValueError(f"{where} must be an integer in [1, {high}], got {str(value)[:40]}")
+    return value
+
+
+def _expect_shapes(shapes: dict[str, tuple[int, ...]], expect: dict[str, tuple[int, ...]], what: str) -> None:
+    for name, shape in expect.items():
+        if shapes.get(name) != shape:
+            raise ValueError(f"{what} implies {name} of shape {shape}, model.safetensors holds {shapes.get(name)}")
+
+
+def check_encoder_config(
+    config: Any, shapes: dict[str, tuple[int, ...]], bert: dict[str, Any] | None, prefix: str = ""
+) -> int:
+    """Validate an artifact's encoder config against its weights *before* building anything:
+    every size must be an integer within bounds and match the tensor shapes that
+    model.safetensors declares in its header (read without loading the tensors), and MiniLM's
+    `max_length` must fit the model's position embeddings (a longer input fails inside BERT).
+    `bert` is the BERT config.json for MiniLM bases. Returns the output dim; ValueError naming
+    the field otherwise."""
+    if not isinstance(config, dict):
+        raise ValueError("encoder.json must be a JSON object")
+    kind = config.get("kind")
+    where = f"encoder.json {prefix or ''}".rstrip()
+    if kind == "hashed":
+        unknown = set(config) - {"kind", *_HASHED_DEFAULTS}
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+        v = {k: _bounded_int(f"{where}.{k}", config.get(k, d), CONFIG_LIMITS[k]) for k, d in _HASHED_DEFAULTS.items()}
+        expect = {
+            f"{prefix}emb.weight": (v["buckets"], v["emb"]),
+            f"{prefix}mlp.0.weight": (v["hidden"], v["emb"]),
+            f"{prefix}mlp.2.weight": (v["dim"], v["hidden"]),
+        }
+        _expect_shapes(shapes, expect, where)
+        return v["dim"]
+    if kind == "minilm":
+        if bert is None:
+            raise ValueError(f"{where}: a MiniLM encoder needs encoder/config.json (the BERT config)")
+        b = {k: _bounded_int(f"encoder/config.json {k}", bert.get(k), 1 << 20) for k in _BERT_FIELDS}
+        max_length = config.get("max_length", 256)
+        limit = b["max_position_embeddings"]
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= limit:
+            raise ValueError(
+                f"{where}.max_length must be an integer in [1, {limit}] (the model's position embeddings),"
+                f" got {str(max_length)[:40]}"
+            )
+        if config.get("dim", b["hidden_size"]) != b["hidden_size"]:
+            raise ValueError(f"{where}.dim is {config.get('dim')!r}, the BERT config says {b['hidden_size']}")
+        h, n_layers, bp = b["hidden_size"], b["num_hidden_layers"], f"{prefix}bert."
+        expect = {
+            f"{bp}embeddings.word_embeddings.weight": (b["vocab_size"], h),
+            f"{bp}embeddings.position_embeddings.weight": (limit, h),
+            f"{bp}encoder.layer.{n_layers - 1}.intermediate.dense.weight": (b["intermediate_size"], h),
+        }
+        _expect_shapes(shapes, expect, "encoder/config.json")
+        if any(name.startswith(f"{bp}encoder.layer.{n_layers}.") for name in shapes):
+            raise ValueError(f"model.safetensors holds more layers than num_hidden_layers={n_layers}")
+        return h
+    if kind == "head":
+        dim = check_encoder_config(config.get("base"), shapes, bert, prefix + "base.")
+        if config.get("dim", dim) != dim:
+            raise ValueError(f"{where}.dim is {config.get('dim')!r}, its base outputs {dim}")
+        _expect_shapes(shapes, {f"{prefix}head.weight": (dim, dim), f"{prefix}head.bias": (dim,)}, where)
+        return dim
+    raise ValueError(f"{where}.kind {str(kind)[:40]!r} is not one of {ENCODER_KINDS}")
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header, without reading the tensors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 - not a dict
+
+
 def load_encoder(artifact: str | Path) -> TextEncoder:
-    """Rebuild the query encoder stored in an artifact directory (already verified by the index core)."""
+    """Rebuild the query encoder stored in an artifact directory (already verified by the index
+    core). Its config is validated against the weights' shapes first (`check_encoder_config`):
+    ValueError naming the field, and nothing large allocated, for a config that does not fit."""
     from safetensors.torch import load_file
+
+    from index.artifact import read_json
 
     root = Path(artifact) / ENCODER_DIR
     cfg_path = root / "encoder.json"
     if not cfg_path.is_file():
         raise ValueError(f"{artifact}: holds no query encoder ({ENCODER_DIR}/encoder.json missing)")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = read_json(cfg_path, f"{ENCODER_DIR}/encoder.json")
+    bert = read_json(root / "config.json", f"{ENCODER_DIR}/config.json") if (root / "config.json").is_file() else None
+    if bert is not None and not isinstance(bert, dict):
+        raise ValueError(f"{ENCODER_DIR}/config.json must be a JSON object")
+    check_encoder_config(config, _header_shapes(root / "model.safetensors"), bert)
     encoder = encoder_from_config(config, model_dir=root)
     if config.get("kind") in ("hashed", "head"):  # MiniLM alone already read its weights from model_dir
         encoder.load_state_dict(load_file(str(root / "model.safetensors")))

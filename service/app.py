@@ -29,8 +29,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from index import JointPQError
+from index.pointer import PointerError
 
-from .batching import Job, JobResult, MicroBatcher, run_jobs
+from .batching import Job, JobResult, MicroBatcher, run_jobs, split_job
 from .holder import IndexHolder, Loaded, ReloadRefused
 from .logs import ACCESS
 from .metrics import Metrics
@@ -44,6 +45,7 @@ from .schemas import (
     search_request_model,
 )
 from .settings import Settings
+from .watch import WatchStatus, watch_pointer
 
 log = logging.getLogger("jointpq.service")
 ROUTES = {"/search", "/healthz", "/readyz", "/info", "/metrics", "/admin/reload", "/admin/rollback"}
@@ -83,6 +85,30 @@ class BodyTooLarge(Exception):  # noqa: N818 - reads as the outcome
     pass
 
 
+class ClientGone(Exception):  # noqa: N818 - reads as the outcome
+    """The client disconnected before its whole body arrived: nothing to search, no one to answer."""
+
+
+CLIENT_CLOSED = 499  # nginx's status for a request whose client closed the connection first
+JSON_TYPES = (b"application/json",)
+
+
+def is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request says its body is JSON (`application/json`, any parameters, or a
+    `+json` type). Why insist: a browser on any site may POST `text/plain` or a form to us
+    without a CORS preflight; a JSON-only endpoint refuses those, so no page can drive it."""
+    for name, value in headers:
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media in JSON_TYPES or (media.startswith(b"application/") and media.endswith(b"+json"))
+    return False
+
+
+def unsupported_media_type() -> Response:
+    msg = "content-type must be application/json"
+    return json_response(error_body(msg, "content-type"), 415)
+
+
 class RequestMiddleware:
     """Pure ASGI (no per-request task overhead): body size limit (413), request id, latency and
     status metrics by route, and one JSON access-log line per request.
@@ -91,8 +117,16 @@ class RequestMiddleware:
     the same code and answers, minus Starlette's routing and exception layers, which measured
     ~50% more vector requests per second on one worker (docs/benchmarks.md)."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int, search: Callable[[bytes], Awaitable[Response]]):
+    def __init__(
+        self,
+        app,
+        metrics: Metrics,
+        max_body: int,
+        search: Callable[[bytes], Awaitable[Response]],
+        body_timeout_s: float = 10.0,
+    ):
         self.app, self.metrics, self.max_body, self.search = app, metrics, max_body, search
+        self.body_timeout_s = body_timeout_s
         # request ids: a random per-process prefix and a counter (uuid4 reads os.urandom per call)
         self._id_prefix, self._ids = secrets.token_hex(4), itertools.count(1)
 
@@ -113,6 +147,9 @@ class RequestMiddleware:
             await send(message)
 
         try:
+            if fast and not is_json(scope["headers"]):
+                await unsupported_media_type()(scope, receive, send_wrapped)
+                return
             body = await self._read_body(scope, receive) if scope["method"] in ("POST", "PUT", "PATCH") else None
             if fast:
                 await (await self.search(body))(scope, receive, send_wrapped)
@@ -122,6 +159,11 @@ class RequestMiddleware:
             await json_response(error_body(f"request body exceeds {self.max_body} bytes", "body"), 413)(
                 scope, receive, send_wrapped
             )
+        except ClientGone:
+            state["status"] = CLIENT_CLOSED  # logged and counted as such; there is no one to answer
+        except TimeoutError:
+            msg = f"request body not received within {self.body_timeout_s:g} s"
+            await json_response(error_body(msg, "body"), 408, {"connection": "close"})(scope, receive, send_wrapped)
         except Exception:
             log.exception("unhandled error", extra={"request_id": rid, "path": scope.get("path")})
             if not state["started"]:
@@ -145,21 +187,24 @@ class RequestMiddleware:
                 )
 
     async def _read_body(self, scope, receive) -> bytes:
-        """The whole body, up to the limit (requests here are small); BodyTooLarge past it."""
+        """The whole body, up to the limit (requests here are small): BodyTooLarge past it,
+        ClientGone if the client leaves before the end (a cut body is never searched),
+        TimeoutError if it is not all in within `body_timeout_s` (a slow client holds no slot)."""
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise BodyTooLarge
         chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                raise BodyTooLarge
-            chunks.append(chunk)
-            more = message.get("more_body", False)
+        async with asyncio.timeout(self.body_timeout_s):
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+                more = message.get("more_body", False)
         return b"".join(chunks)
 
 
@@ -194,6 +239,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else None
     )
     started = time.time()
+    watch = WatchStatus(enabled=settings.watch)
     SearchRequest = search_request_model(settings)
 
     async def swap_to(name: str, source: str) -> tuple[Loaded, Loaded | None]:
@@ -208,30 +254,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("reloaded", extra={"source": source, "version": new.version, "previous": old and old.version})
         return new, old
 
-    async def watch_pointer() -> None:
-        """Poll the pointer file; reload when the name in it changes (a refused one is not retried)."""
-        from index.pointer import read_pointer
-
-        seen = holder.current.name if holder.current else None
-        while True:
-            await asyncio.sleep(settings.watch_interval_s)
-            try:
-                name = read_pointer(settings.artifact_root, settings.pointer_file)
-            except OSError as e:
-                log.warning("cannot read the pointer file", extra={"error": str(e)})
-                continue
-            if name and name != seen:
-                seen = name
-                with contextlib.suppress(ReloadRefused):
-                    await swap_to(name, "watch")
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.torch_threads:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        name = holder.initial_name()
+        try:
+            name = holder.initial_name()
+        except PointerError as e:  # start anyway, not ready: a fixed pointer (--watch) or a reload recovers
+            log.error("cannot read the pointer file at start-up", extra={"error": str(e)})
+            watch.fail(f"at start-up: {e}")
+            name = None
         if name is None:
             log.warning("no artifact in %s: not ready until POST /admin/reload", settings.artifact_root)
         else:
@@ -240,7 +274,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.serving(holder.current.version if holder.current else None)
         if batcher is not None:
             await batcher.start()
-        watcher = asyncio.create_task(watch_pointer()) if settings.watch else None
+        watcher = (
+            asyncio.create_task(watch_pointer(settings, holder, swap_to, watch, metrics), name="jointpq-watch")
+            if settings.watch
+            else None
+        )
         try:
             yield
         finally:
@@ -259,6 +297,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.holder, app.state.metrics = settings, holder, metrics
     metrics.watch_cache(lambda: holder.current.cache.stats() if holder.current and holder.current.cache else None)
+    metrics.watch_watcher(lambda: watch.healthy(holder.current.name if holder.current else None))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> Response:
@@ -300,7 +339,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if len(row) != loaded.dim:
                 where = field if single else f"vectors[{i}]"
                 raise ApiError(422, f"{where} has {len(row)} dimensions, the artifact expects {loaded.dim}", where)
-        return None, np.asarray(rows, dtype=np.float32)
+        with np.errstate(over="ignore"):  # 1e39 is finite JSON and inf in float32: checked just below
+            x = np.asarray(rows, dtype=np.float32)
+        # Checked here, per request, before any batching: one bad vector must fail its own request
+        # only, never the micro-batch it would have joined.
+        norms = np.linalg.norm(x.astype(np.float64), axis=1)
+        for i in np.flatnonzero(~np.isfinite(norms) | (norms > settings.max_vector_norm)):
+            where = field if single else f"vectors[{i}]"
+            what = (
+                "values beyond float32's range (|x| > 3.4e38)"
+                if not np.isfinite(x[i]).all()
+                else (f"L2 norm {norms[i]:.3g}, above the limit {settings.max_vector_norm:.3g}")
+            )
+            raise ApiError(422, f"{where} has {what}", where)
+        return None, x
 
     search_body = {
         "required": True,
@@ -319,7 +371,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Top-k item ids for text queries or query vectors",
     )
     async def search(request: Request) -> Response:
+        if not is_json(request.scope["headers"]):
+            return unsupported_media_type()
         return await answer_search(await request.body())
+
+    async def run_piece(job: Job) -> JobResult:
+        """One engine call's worth of a request; pieces of one request run one after another."""
+        if batcher is not None:
+            return await batcher.submit(job)
+        if job.texts is None and settings.inline_vector_search:
+            await asyncio.sleep(0)  # between pieces, let the loop serve other requests
+            return run_jobs([job], metrics.observe_batch)[0]
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(executor, run_jobs, [job], metrics.observe_batch))[0]
 
     async def answer_search(body: bytes) -> Response:
         """The body goes to pydantic-core as bytes (the model is also the OpenAPI schema above):
@@ -337,13 +401,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             texts, vectors = parse(req, loaded)
             job = Job(loaded, texts, vectors, req.k or settings.default_k, req.nprobe or settings.default_nprobe)
             try:
-                if batcher is not None:
-                    result: JobResult = await batcher.submit(job)
-                elif texts is None and settings.inline_vector_search:
-                    result = run_jobs([job], metrics.observe_batch)[0]
-                else:
-                    loop = asyncio.get_running_loop()
-                    result = (await loop.run_in_executor(executor, run_jobs, [job], metrics.observe_batch))[0]
+                pieces = split_job(job, settings.request_piece_queries, settings.request_piece_chars)
+                result = JobResult.concat([await run_piece(p) for p in pieces])
             except JointPQError as e:
                 raise ApiError(400, str(e)) from None
         except ApiError as e:
@@ -359,7 +418,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             }
         )
 
-    app.add_middleware(RequestMiddleware, metrics=metrics, max_body=settings.max_body_bytes, search=answer_search)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=metrics,
+        max_body=settings.max_body_bytes,
+        search=answer_search,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -369,9 +434,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", summary="Readiness: an artifact is loaded, warmed", responses={503: {"model": ErrorResponse}})
     async def readyz() -> Response:
-        if holder.current is None:
+        cur = holder.current
+        if cur is None:
             return json_response(error_body("not ready: no artifact loaded"), 503)
-        return json_response({"status": "ready", "version": holder.current.version})
+        body: dict[str, Any] = {"status": "ready", "version": cur.version}
+        if watch.enabled:  # shown, not gating: the loaded artifact serves whatever the pointer holds
+            body["watch"] = "healthy" if watch.healthy(cur.name) else f"unhealthy: {watch.last_error or 'not running'}"
+        return json_response(body)
 
     @app.get("/info", response_model=InfoResponse, summary="The artifact being served, device, backend, uptime")
     async def info() -> Response:
@@ -389,6 +458,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "default_nprobe": settings.default_nprobe,
             "max_batch": settings.max_batch,
             "query_cache_size": settings.query_cache_size,
+            "query_cache_bytes": settings.query_cache_bytes,
+            "max_vector_norm": settings.max_vector_norm,
+            "request_piece_queries": settings.request_piece_queries,
+            "request_piece_chars": settings.request_piece_chars,
+            "header_timeout_s": settings.header_timeout_s,
+            "body_timeout_s": settings.body_timeout_s,
+            "timeout_keep_alive_s": settings.timeout_keep_alive_s,
+            "limit_concurrency": settings.limit_concurrency,
             "watch": settings.watch,
             "admin": settings.admin_token is not None,
         }
@@ -398,6 +475,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "artifact": cur.summary() if cur else None,
                 "previous_version": prev.version if prev else None,
                 "uptime_s": round(time.time() - started, 3),
+                "watch": watch.to_json(cur.name if cur else None),
                 "settings": public,
             }
         )
@@ -430,14 +508,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         409: {"model": ErrorResponse, "description": "nothing to roll back to"},
     }
 
+    reload_body = {
+        "required": True,
+        "content": {"application/json": {"schema": ReloadRequest.model_json_schema()}},
+    }
+
     @app.post(
         "/admin/reload",
         response_model=ReloadResponse,
-        responses={**admin_errors, 422: {"model": ErrorResponse, "description": "the artifact failed a check"}},
+        responses={
+            **admin_errors,
+            415: {"model": ErrorResponse, "description": "the body is not application/json"},
+            422: {"model": ErrorResponse, "description": "an invalid body, or the artifact failed a check"},
+        },
         dependencies=[Depends(admin)],
+        openapi_extra={"requestBody": reload_body},
         summary="Load, validate and atomically swap in another artifact version",
     )
-    async def reload(req: ReloadRequest) -> Response:
+    async def reload(request: Request) -> Response:
+        # The body is read here, after the `admin` dependency: no declared body parameter, so
+        # FastAPI does not parse it first, and a caller without the token learns nothing from
+        # a 422 about the body (or costs us a parse).
+        if not is_json(request.scope["headers"]):
+            return unsupported_media_type()
+        try:
+            req = ReloadRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return invalid(e.errors(include_url=False))
         t0 = time.perf_counter()
         try:
             new, old = await swap_to(req.name, "admin")

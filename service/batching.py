@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -49,6 +50,42 @@ class Job:
 class JobResult:
     scores: list[np.ndarray]
     ids: list[list[str]]
+
+    @classmethod
+    def concat(cls, parts: list[JobResult]) -> JobResult:
+        return cls([s for p in parts for s in p.scores], [i for p in parts for i in p.ids])
+
+
+def split_job(job: Job, max_queries: int, max_chars: int) -> list[Job]:
+    """`job` cut, in order, into pieces of at most `max_queries` queries and (for text) about
+    `max_chars` characters, the encoder's cost proxy; a lone longer text is a piece of its own.
+
+    Why: a request of 256 long texts with k = 1000 is one long engine call, and every small
+    request behind it waited for all of it (14 s measured). Run piece by piece, with the next
+    piece queued only when the previous one is done, other requests' work goes between pieces,
+    so a small request waits for at most one piece."""
+    if job.texts is None:
+        cuts = list(range(0, job.size, max_queries))
+    else:
+        cuts, chars, count = [0], 0, 0
+        for i, t in enumerate(job.texts):
+            if count and (count == max_queries or chars + len(t) > max_chars):
+                cuts.append(i)
+                chars, count = 0, 0
+            chars, count = chars + len(t), count + 1
+    if len(cuts) == 1:
+        return [job]
+    bounds = [*cuts, job.size]
+    return [
+        Job(
+            job.loaded,
+            job.texts[a:b] if job.texts is not None else None,
+            job.vectors[a:b] if job.vectors is not None else None,
+            job.k,
+            job.nprobe,
+        )
+        for a, b in itertools.pairwise(bounds)
+    ]
 
 
 Observer = Callable[[int, int, float], None]  # (requests, queries, seconds) per engine call
@@ -175,12 +212,30 @@ class MicroBatcher:
                 try:
                     results = await loop.run_in_executor(self.executor, run_jobs, jobs, self.observe)
                 except Exception as e:
+                    if len(jobs) == 1:
+                        _settle(jobs[0], exception=e)
+                        continue
+                    # One request must never fail its batch-mates: answer them one by one, so
+                    # only the request that cannot be served gets the error.
+                    log.warning("a batch of %d requests failed (%s: %s): running them one by one",
+                                len(jobs), type(e).__name__, e)  # fmt: skip
                     for j in jobs:
-                        if not j.future.done():
-                            j.future.set_exception(e)
+                        try:
+                            _settle(j, (await loop.run_in_executor(self.executor, run_jobs, [j], self.observe))[0])
+                        except Exception as alone:
+                            _settle(j, exception=alone)
                     continue
                 for j, r in zip(jobs, results, strict=True):
-                    if not j.future.done():  # a client that went away cancelled its future
-                        j.future.set_result(r)
+                    _settle(j, r)
         finally:
             self._slots.release()
+
+
+def _settle(job: Job, result: JobResult | None = None, exception: BaseException | None = None) -> None:
+    """Answer a job's future, unless its client went away (which cancelled it)."""
+    if job.future is None or job.future.done():
+        return
+    if exception is not None:
+        job.future.set_exception(exception)
+    else:
+        job.future.set_result(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +25,7 @@ import numpy as np
 
 from index import ArtifactError, Index, JointPQError, load_index
 from index.canary import read_canaries, recall
-from index.pointer import PathOutsideRoot, current_version, resolve_in_root
+from index.pointer import BadArtifactName, check_links_inside, current_version, resolve_in_root
 
 from .settings import Settings
 
@@ -32,13 +33,24 @@ log = logging.getLogger("jointpq.service")
 
 
 class QueryCache:
-    """Thread-safe LRU of query text -> embedding. Real query streams repeat (head queries), and
-    on a CPU the encoder costs 10-30x the index search, so a hit skips nearly all the work."""
+    """Thread-safe LRU of query text -> embedding, bounded by entries and by bytes. Real query
+    streams repeat (head queries), and on a CPU the encoder costs 10-30x the index search, so a
+    hit skips nearly all the work.
 
-    def __init__(self, size: int):
-        self.size, self.hits, self.misses = size, 0, 0
+    Each entry owns its vector (a copy): a row *view* would keep its whole (batch, dim) encoder
+    output alive, 40 cached rows holding 15.7 MB instead of 61 KB. The byte count is what the
+    process really holds (keys, arrays with their headers, the dict's per-entry share)."""
+
+    ENTRY_OVERHEAD = 100  # bytes of OrderedDict node + hash slot per entry, measured order
+
+    def __init__(self, size: int, max_bytes: int = 64 << 20):
+        self.size, self.max_bytes, self.hits, self.misses, self.bytes = size, max_bytes, 0, 0, 0
         self._data: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+
+    @classmethod
+    def cost(cls, text: str, vector: np.ndarray) -> int:
+        return sys.getsizeof(text) + sys.getsizeof(vector) + cls.ENTRY_OVERHEAD
 
     def get_many(self, texts: list[str]) -> tuple[list[np.ndarray | None], list[int]]:
         out: list[np.ndarray | None] = []
@@ -58,13 +70,29 @@ class QueryCache:
     def put_many(self, texts: list[str], vectors: np.ndarray) -> None:
         with self._lock:
             for t, v in zip(texts, vectors, strict=True):
+                v = np.array(v, copy=True)  # own memory, never a view into the batch
+                v.setflags(write=False)  # shared by every request that hits it
+                cost = self.cost(t, v)
+                if cost > self.max_bytes:
+                    continue
+                old = self._data.pop(t, None)
+                if old is not None:
+                    self.bytes -= self.cost(t, old)
                 self._data[t] = v
-                self._data.move_to_end(t)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+                self.bytes += cost
+            while self._data and (len(self._data) > self.size or self.bytes > self.max_bytes):
+                t, v = self._data.popitem(last=False)
+                self.bytes -= self.cost(t, v)
 
     def stats(self) -> dict[str, int]:
-        return {"size": len(self._data), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+        return {
+            "size": len(self._data),
+            "capacity": self.size,
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+        }
 
 
 class ReloadRefused(Exception):  # noqa: N818 - reads as the outcome
@@ -142,20 +170,39 @@ class Loaded:
         }
 
 
+def shown(name: str, limit: int = 80) -> str:
+    """A client-given name quoted for a message, cut short (names may be 4 KB long)."""
+    return repr(name if len(name) <= limit else name[: limit - 3] + "...")
+
+
 def load_candidate(settings: Settings, name: str) -> Loaded:
     """Load and validate `name` (a version or a path inside the artifact root). Blocking: call it
-    from a worker thread. Raises ReloadRefused with the reason; never returns a half-checked one."""
+    from a worker thread. Raises ReloadRefused with the reason; never returns a half-checked one,
+    and never lets another exception out: whatever a crafted artifact makes the loaders raise
+    (RecursionError, MemoryError, TypeError, ...) is a 422 refusal that names it, logged."""
+    try:
+        return _load_candidate(settings, name)
+    except ReloadRefused:
+        raise
+    except Exception as e:
+        log.warning("reload candidate %s raised %s", shown(name), type(e).__name__, exc_info=True)
+        reason = f"{type(e).__name__}: {str(e)[:200]}"
+        raise ReloadRefused(422, f"refused: artifact {shown(name)} could not be loaded ({reason})") from None
+
+
+def _load_candidate(settings: Settings, name: str) -> Loaded:
     try:
         path = resolve_in_root(settings.artifact_root, name)
-    except PathOutsideRoot as e:
+        if not (path / "manifest.json").is_file():
+            raise ReloadRefused(404, f"refused: no artifact named {shown(name)} in the artifact root")
+        check_links_inside(settings.artifact_root, path)
+    except BadArtifactName as e:
         raise ReloadRefused(400, f"refused: {e}") from None
-    if not (path / "manifest.json").is_file():
-        raise ReloadRefused(404, f"refused: no artifact named {name!r} in the artifact root")
     t0 = time.perf_counter()
     try:
         index = load_index(path, device=settings.device, backend=settings.backend)
     except JointPQError as e:
-        raise ReloadRefused(422, f"refused: artifact {name!r} failed verification: {e}") from None
+        raise ReloadRefused(422, f"refused: artifact {shown(name)} failed verification: {e}") from None
     checks: dict[str, Any] = {"verified": True}
     encoder = None
     if (path / "encoder" / "encoder.json").is_file():
@@ -164,16 +211,20 @@ def load_candidate(settings: Settings, name: str) -> Loaded:
 
             encoder = load_encoder(path).to(index.device)  # on CUDA the encoder runs there too
         except Exception as e:
-            raise ReloadRefused(422, f"refused: artifact {name!r} has an unusable query encoder: {e}") from None
+            raise ReloadRefused(422, f"refused: artifact {shown(name)} has an unusable query encoder: {e}") from None
         if encoder.dim != index.data.d:
             raise ReloadRefused(422, f"refused: encoder outputs {encoder.dim} dims, the index has {index.data.d}")
-    cache = QueryCache(settings.query_cache_size) if encoder is not None and settings.query_cache_size else None
+    cache = (
+        QueryCache(settings.query_cache_size, settings.query_cache_bytes)
+        if encoder is not None and settings.query_cache_size and settings.query_cache_bytes
+        else None
+    )
     candidate = Loaded(name, path, index, encoder, time.time(), checks, cache)
     try:
         _smoke(candidate, settings)
         _canary_gate(candidate, settings)
     except (JointPQError, ValueError, RuntimeError) as e:
-        raise ReloadRefused(422, f"refused: artifact {name!r} failed its smoke test: {e}") from None
+        raise ReloadRefused(422, f"refused: artifact {shown(name)} failed its smoke test: {e}") from None
     checks["load_seconds"] = round(time.perf_counter() - t0, 4)
     return candidate
 
@@ -186,13 +237,13 @@ def _smoke(c: Loaded, settings: Settings) -> None:
         x = rng.standard_normal((b, c.dim)).astype(np.float32)
         scores, rows = c.index.search_rows(x, min(settings.default_k, c.index.data.n), nprobe)
         if not (rows >= 0).any():
-            raise ReloadRefused(422, f"refused: artifact {c.name!r} returned no hits for a smoke query")
+            raise ReloadRefused(422, f"refused: artifact {shown(c.name)} returned no hits for a smoke query")
         if not np.isfinite(scores[rows >= 0]).all():
-            raise ReloadRefused(422, f"refused: artifact {c.name!r} returned non-finite scores")
+            raise ReloadRefused(422, f"refused: artifact {shown(c.name)} returned non-finite scores")
     if c.encoder is not None:
         emb = c.encode(["smoke test query", "a second, longer smoke test query for the encoder"])
         if emb.shape != (2, c.dim) or not np.isfinite(emb).all():
-            raise ReloadRefused(422, f"refused: the encoder of {c.name!r} gave {emb.shape} or non-finite output")
+            raise ReloadRefused(422, f"refused: the encoder of {shown(c.name)} gave {emb.shape} or non-finite output")
     c.checks["smoke"] = "ok"
 
 
@@ -211,14 +262,14 @@ def _canary_gate(c: Loaded, settings: Settings) -> None:
     else:
         x = np.asarray([q.vector for q in canaries.queries], dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != c.dim:
-            raise ReloadRefused(422, f"refused: canary vectors of {c.name!r} are {x.shape}, index dim {c.dim}")
+            raise ReloadRefused(422, f"refused: canary vectors of {shown(c.name)} are {x.shape}, index dim {c.dim}")
     _, ids = c.index.search(x, canaries.k, min(canaries.nprobe, c.nlist))
     got = recall(ids, [q.expected for q in canaries.queries])
     threshold = settings.canary_min_recall if settings.canary_min_recall is not None else canaries.min_recall
     c.checks["canary"] = {"recall": round(got, 4), "min_recall": threshold, "queries": len(canaries.queries)}
     if got < threshold:
         raise ReloadRefused(
-            422, f"refused: canary recall@{canaries.k} of {c.name!r} is {got:.3f}, below the gate {threshold:.3f}"
+            422, f"refused: canary recall@{canaries.k} of {shown(c.name)} is {got:.3f}, below the gate {threshold:.3f}"
         )
 
 

@@ -26,10 +26,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """JSON lines on stderr for our loggers and uvicorn's (its access log is replaced by ours)."""
+    """JSON lines on stderr for our loggers, uvicorn's (its access log is replaced by ours) and
+    Python warnings (numpy's RuntimeWarnings would otherwise print bare lines into the JSON log)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    for name in ("jointpq", "uvicorn", "uvicorn.error"):
+    logging.captureWarnings(True)
+    for name in ("jointpq", "uvicorn", "uvicorn.error", "py.warnings"):
         lg = logging.getLogger(name)
         lg.handlers[:] = [handler]
         lg.setLevel(level.upper())

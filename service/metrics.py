@@ -35,6 +35,9 @@ class Metrics:
         self.ready = Gauge("jointpq_ready", "1 when an artifact is loaded and warmed", registry=r)
         self.reloads = Counter("jointpq_reloads", "reload attempts by result", ["result"], registry=r)
         self.rollbacks = Counter("jointpq_rollbacks", "rollbacks to the previous artifact", registry=r)
+        self.watch_errors = Counter(
+            "jointpq_watch_errors", "pointer-watch checks that failed (unreadable pointer, crashed load)", registry=r
+        )
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -54,10 +57,16 @@ class Metrics:
 
     def watch_cache(self, stats) -> None:
         """Expose the serving artifact's query-cache counters (`stats()` -> dict or None) at scrape time."""
-        for key in ("hits", "misses", "size"):
+        for key in ("hits", "misses", "size", "bytes"):
             g = Gauge(f"jointpq_query_cache_{key}", f"query embedding cache {key} (since the artifact loaded)",
                       registry=self.registry)  # fmt: skip
             g.set_function(lambda key=key: float((stats() or {}).get(key, 0)))
+
+    def watch_watcher(self, healthy) -> None:
+        """`jointpq_watch_healthy`: 1 while the pointer watcher reads the pointer and serves what it
+        names (or is off), 0 otherwise; `healthy()` is read at scrape time."""
+        g = Gauge("jointpq_watch_healthy", "1 when the pointer watcher is healthy or off", registry=self.registry)
+        g.set_function(lambda: 1.0 if healthy() else 0.0)
 
     def observe_batch(self, requests: int, queries: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

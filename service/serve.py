@@ -46,41 +46,42 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def apply_flags(args: argparse.Namespace) -> None:
+SWITCHES = {  # store_true flag dest -> (field, env value)
+    "watch": ("watch", "true"),
+    "no_batching": ("batching", "false"),
+    "inline_vector_search": ("inline_vector_search", "true"),
+}
+
+
+def apply_flags(args: argparse.Namespace) -> dict[str, str]:
+    """Write the given flags into the environment; returns field -> flag for error messages."""
+    given: dict[str, str] = {}
     for dest, env in FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
             os.environ[env] = str(value)
-    if getattr(args, "watch", False):
-        os.environ["JOINTPQ_WATCH"] = "true"
-    if getattr(args, "no_batching", False):
-        os.environ["JOINTPQ_BATCHING"] = "false"
-    if getattr(args, "inline_vector_search", False):
-        os.environ["JOINTPQ_INLINE_VECTOR_SEARCH"] = "true"
+            given[dest] = "--" + dest.replace("_", "-")
+    for dest, (field, value) in SWITCHES.items():
+        if getattr(args, dest, False):
+            os.environ[f"JOINTPQ_{field.upper()}"] = value
+            given[field] = "--" + dest.replace("_", "-")
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .http_limits import uvicorn_options
     from .logs import configure_logging
-    from .settings import Settings
+    from .settings import Settings, describe_errors
 
-    apply_flags(args)
+    given = apply_flags(args)
     try:
         settings = Settings()
     except ValidationError as e:
-        for err in e.errors():
-            print(f"error: JOINTPQ_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}", file=sys.stderr)
+        for line in describe_errors(e, given):
+            print(f"error: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    uvicorn.run(
-        "service.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_config=None,  # keep our JSON logging
-        access_log=False,  # one JSON access line per request comes from the app
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run("service.app:app_from_env", factory=True, **uvicorn_options(settings))
     return 0

@@ -6,12 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "JOINTPQ_"
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`: admin_token -> JOINTPQ_ADMIN_TOKEN."""
+    return f"{ENV_PREFIX}{field.upper()}"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="JOINTPQ_", extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", env_ignore_empty=True)
 
     artifact_root: Path = Field(Path("artifacts"), description="directory of artifact versions")
     artifact: str | None = Field(
@@ -44,8 +51,31 @@ class Settings(BaseSettings):
         "for sub-millisecond searches and one worker process per core",
     )
 
-    query_cache_size: int = Field(
-        10_000, ge=0, description="LRU of query embeddings per artifact (0: off); 10k x 384-d = 15 MB"
+    query_cache_size: int = Field(10_000, ge=0, description="LRU of query embeddings per artifact (0: off)")
+    query_cache_bytes: int = Field(
+        64 << 20, ge=0, description="memory bound of that cache, keys and vectors counted (10k x 384-d ~ 16 MB)"
+    )
+    max_vector_norm: float = Field(
+        1e15,
+        gt=0,
+        le=1e18,
+        description="largest L2 norm a query vector may have: far above any embedding, far below where "
+        "float32 scores overflow (a 3e38 vector is finite yet its scores are not)",
+    )
+    request_piece_queries: int = Field(
+        32, ge=1, description="a request with more queries is run in pieces of this many, others' pieces between"
+    )
+    request_piece_chars: int = Field(
+        8192, ge=1, description="and in pieces of at most this many characters of text (the encoder's cost)"
+    )
+
+    timeout_keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection after this")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="close a connection whose request line and headers are not in by then"
+    )
+    body_timeout_s: float = Field(10.0, gt=0, description="answer 408 when the body is not in by then")
+    limit_concurrency: int | None = Field(
+        1024, ge=1, description="open connections + requests in flight per worker before new requests get 503"
     )
 
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin is off when unset")
@@ -58,12 +88,36 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 8:  # the token itself is never echoed
+            raise ValueError(f"must be at least 8 characters, got {len(v.get_secret_value())}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if self.default_k > self.max_k:
-            raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
-        if self.default_nprobe > self.max_nprobe:
-            raise ValueError(f"default_nprobe ({self.default_nprobe}) exceeds max_nprobe ({self.max_nprobe})")
-        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 8:
-            raise ValueError("admin_token must be at least 8 characters")
+        """Cross-field rules; the message names both variables (the error has no single field)."""
+        for low, high in (("default_k", "max_k"), ("default_nprobe", "max_nprobe")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"{env_name(low)} ({getattr(self, low)}) exceeds {env_name(high)} ({getattr(self, high)})"
+                )
         return self
+
+
+def describe_errors(e: ValidationError, flags: dict[str, str] | None = None) -> list[str]:
+    """One line per settings error naming what the user set: the flag when one was given
+    (`flags`: field -> flag, e.g. {"port": "--port"}), else the environment variable."""
+    flags = flags or {}
+    lines = []
+    for err in e.errors(include_url=False):
+        loc = [str(part) for part in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a cross-field rule: its message already names the variables
+            lines.append(msg)
+            continue
+        field = loc[0]
+        where = f"{flags[field]} ({env_name(field)})" if field in flags else env_name(field)
+        lines.append(f"{where}{''.join(f'[{p}]' for p in loc[1:])}: {msg}")
+    return lines

@@ -128,7 +128,15 @@ def test_wrong_format_version_is_refused(artifact):
         ("nlist", 8, r"tensor 'centroids' is \(16, 32\) torch.float32, manifest.json implies \(8, 32\)"),
         ("M", 8, r"tensor 'codebooks' is \(16, 16, 2\) torch.float32, manifest.json implies \(8, 16, 4\)"),
         ("n_items", 10, r"tensor 'codes' is \(3000, 8\) torch.uint8, manifest.json implies \(10, 8\)"),
-        ("dim", "32", r"field 'dim' must be a non-negative integer"),
+        ("dim", "32", r"field 'dim' must be an integer in \[1, 65536\], got '32'"),
+        # crafted manifests an outside probe used to crash the loader (500s) instead of a refusal
+        ("nbits", 20000, r"field 'nbits' must be an integer in \[1, 8\], got 20000"),
+        ("nbits", 6, r"field 'nbits' must be one of \(4, 8\), got 6"),
+        ("M", 0, r"field 'M' must be an integer in \[1, 4096\], got 0"),
+        ("M", 5, r"M=5 must divide dim=32"),
+        ("metric", "cosine", r"field 'metric' must be one of \('ip', 'l2'\), got 'cosine'"),
+        ("training", [1], r"field 'training' must be a JSON object"),
+        ("files", {"../x": {"sha256": "0", "bytes": 1}}, r"\.\./x: not a valid file name"),
     ],
 )
 def test_manifest_lying_about_dims_is_refused(artifact, field, value, message):
@@ -141,6 +149,41 @@ def test_garbage_manifest_is_refused(artifact):
     (artifact / MANIFEST).write_text("{not json")
     with pytest.raises(ArtifactError, match=r"manifest\.json: not valid JSON"):
         load_index(artifact)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, r"manifest\.json: JSON nested too deeply"),
+        (b'{"dim": ' + b"9" * 5000 + b"}", r"manifest\.json: not valid JSON \(Exceeds the limit"),
+        (b'{"version": "\xff\xfe"}', r"manifest\.json: not UTF-8"),
+    ],
+    ids=["nested-100k", "5000-digit-int", "bad-utf8"],
+)
+def test_hostile_json_is_an_artifact_error(artifact, raw, message):
+    """Each of these escaped as RecursionError / ValueError / UnicodeDecodeError (a 500 on reload)."""
+    (artifact / MANIFEST).write_bytes(raw)
+    with pytest.raises(ArtifactError, match=message):
+        load_index(artifact)
+
+
+def test_hostile_item_ids_are_an_artifact_error(artifact):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    (artifact / IDS).write_bytes(nested)
+    raw = json.loads((artifact / MANIFEST).read_text())
+    import hashlib
+
+    raw["files"][IDS] = {"sha256": hashlib.sha256(nested).hexdigest(), "bytes": len(nested)}
+    (artifact / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match=r"item_ids\.json: JSON nested too deeply"):
+        load_index(artifact)
+
+
+def test_every_file_gets_the_same_permissions(artifact):
+    """safetensors writes 0600; an artifact's files must all be readable alike (e.g. by a
+    service running as another user in the same group), so they follow the umask together."""
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in artifact.iterdir()}
+    assert modes[TENSORS] == modes[IDS] == modes[MANIFEST], modes
 
 
 def test_inconsistent_tensors_with_valid_checksums_are_refused(artifact):

@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.http_limits import in_process_config
 from service.settings import Settings
 from tests.conftest import ROOT, clustered
 
@@ -50,14 +51,17 @@ def root_copy(artifact_root, tmp_path) -> Path:
 
 
 class Server:
+    """The app under uvicorn with the same config `jointpq serve` builds (protocol, timeouts,
+    limits), in a thread of this process so tests can read its state."""
+
     def __init__(self, settings: Settings):
         self.app = create_app(settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(in_process_config(settings, self.app))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Server:

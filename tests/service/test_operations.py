@@ -114,4 +114,5 @@ def test_serve_rejects_bad_settings(tmp_path):
     cmd = [exe] if exe else [sys.executable, "-m", "service.cli"]
     env = {**os.environ, "JOINTPQ_DEFAULT_K": "5000"}
     r = subprocess.run([*cmd, "serve", "--artifact-root", str(tmp_path)], env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and "default_k" in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: JOINTPQ_DEFAULT_K (5000) exceeds JOINTPQ_MAX_K (1000)"
