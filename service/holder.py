@@ -252,7 +252,7 @@ def _canary_gate(c: Loaded, settings: Settings) -> None:
     try:
         canaries = read_canaries(c.path)
     except ArtifactError as e:
-        raise ReloadRefused(422, f"refused: {e}") from None
+        raise ReloadRefused(422, f"refused: artifact {shown(c.name)}: {e}") from None
     if canaries is None or not canaries.queries:
         c.checks["canary"] = "none in artifact"
         return
