@@ -8,6 +8,7 @@ single vector queries at the same nprobe (no HTTP), so the HTTP overhead shows.
     python bench/http_load.py --root artifacts/demo --mix text --users 32 --seconds 20
     python bench/http_load.py --root artifacts/demo --mix mixed --reload-every 2 --reload-versions v1 v2
     python bench/http_load.py --synthetic 1000000 --mix vector --client locust wrk --workers 1 2
+    python bench/http_load.py --tiny       # seconds: a tiny hashed artifact, 4 users x 2 s, on + off
 
 Clients: `locust` runs `loadtest/locustfile.py` (FastHttpUser; checks every answer). `wrk`
 (`apt install wrk`; C, one thread, closed loop like locust's users) posts the same kinds of bodies
@@ -17,7 +18,8 @@ the closer measure of what the service itself sustains. Both run on the same mac
 service, so every figure is a floor for a client on another machine.
 
 `--reload-every N` hot-reloads between the given versions every N seconds during the run and
-exits non-zero if any request failed.
+exits non-zero if any request failed. The batching column is the mode each service reported in
+its /info (a service that does not run the mode asked for stops the run).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import csv
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +38,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from harness import (
+    BATCHING_MODES,
+    DEMO_DATA,
+    ROOT,
+    Batching,
+    Report,
+    Service,
+    artifact_root,
+    bin_path,
+    markdown_table,
+    parse_args,
+    parse_modes,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 MIXES = {
     "text": "text=1,batch=0,vector=0,invalid=0",
     "vector": "text=0,batch=0,vector=1,invalid=0",
@@ -47,64 +59,9 @@ MIXES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def bin_path(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else name
-
-
-class Service:
-    """`jointpq serve` as a subprocess (the real command, real uvicorn workers)."""
-
-    def __init__(
-        self, root: Path, workers: int, mode: str, token: str, version: str | None = None,
-        torch_threads: int | None = None, watch: bool = False,
-    ):  # fmt: skip
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "JOINTPQ_ARTIFACT_ROOT": str(root),
-            "JOINTPQ_WORKERS": str(workers),
-            "JOINTPQ_BATCHING": str(mode == "on").lower(),
-            "JOINTPQ_INLINE_VECTOR_SEARCH": str(mode == "inline").lower(),
-            "JOINTPQ_ADMIN_TOKEN": token,
-            "JOINTPQ_DEVICE": "cpu",
-            "JOINTPQ_LOG_LEVEL": "warning",
-            "JOINTPQ_PORT": str(self.port),
-        }
-        if version:
-            env["JOINTPQ_ARTIFACT"] = version
-        if watch:  # every worker follows the root's CURRENT pointer
-            env["JOINTPQ_WATCH"], env["JOINTPQ_WATCH_INTERVAL_S"] = "true", "0.5"
-        if torch_threads:  # torch's default is one thread per core in every worker process
-            env["JOINTPQ_TORCH_THREADS"] = str(torch_threads)
-        self.proc = subprocess.Popen([bin_path("jointpq"), "serve"], env=env, stderr=subprocess.PIPE, text=True)
-
-    def __enter__(self) -> Service:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("service not ready after 300 s")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def percentile_ms(cell: str) -> float:
+    """A locust CSV percentile: blank or "N/A" (no request of that name finished) is NaN, not a crash."""
+    return float(cell) if cell and cell != "N/A" else float("nan")
 
 
 def run_locust(url: str, users: int, seconds: float, mix: str, out_dir: Path, rate: float | None = None) -> list[dict]:
@@ -114,7 +71,7 @@ def run_locust(url: str, users: int, seconds: float, mix: str, out_dir: Path, ra
         env["LOADTEST_RATE"] = str(rate)
     cmd = [
         bin_path("locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "--only-summary",
-        "-u", str(users), "-r", str(users), "-t", f"{int(seconds)}s", "--host", url, "--csv", str(prefix),
+        "-u", str(users), "-r", str(users), "-t", f"{max(1, round(seconds))}s", "--host", url, "--csv", str(prefix),
         "--stop-timeout", "10", "--loglevel", "WARNING",
     ]  # fmt: skip
     subprocess.run(cmd, env=env, check=False, capture_output=True, text=True)
@@ -128,9 +85,9 @@ def run_locust(url: str, users: int, seconds: float, mix: str, out_dir: Path, ra
                 "requests": int(r["Request Count"]),
                 "failures": int(r["Failure Count"]),
                 "rps": float(r["Requests/s"]),
-                "p50_ms": float(r["50%"] or "nan"),
-                "p95_ms": float(r["95%"] or "nan"),
-                "p99_ms": float(r["99%"] or "nan"),
+                "p50_ms": percentile_ms(r["50%"]),
+                "p95_ms": percentile_ms(r["95%"]),
+                "p99_ms": percentile_ms(r["99%"]),
             }
         )
     return out
@@ -154,13 +111,17 @@ end
 """
 
 
+def pool_texts() -> list[str]:
+    """The locustfile's query pool: $LOADTEST_QUERIES, else the shipped SciFact subset's queries."""
+    path = Path(os.environ.get("LOADTEST_QUERIES", DEMO_DATA / "queries.jsonl"))
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def wrk_bodies(url: str, mix: str, n: int = 512, k: int = 10) -> list[bytes]:
     """The locustfile's request kinds, pre-encoded: text queries from its pool, or Gaussian vectors
     of the served artifact's dimension."""
     if mix == "text":
-        path = Path(os.environ.get("LOADTEST_QUERIES", ROOT / "data" / "scifact-demo" / "queries.jsonl"))
-        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [json.dumps({"query": t, "k": k}).encode() for t in texts]
+        return [json.dumps({"query": t, "k": k}).encode() for t in pool_texts()]
     dim = int(httpx.get(f"{url}/info", timeout=10).json()["artifact"]["dim"])
     rng = np.random.default_rng(0)
     return [json.dumps({"vector": [round(float(v), 6) for v in rng.standard_normal(dim)], "k": k}).encode()
@@ -174,7 +135,7 @@ def run_wrk(url: str, users: int, seconds: float, mix: str, out_dir: Path) -> li
     script = out_dir / "wrk.lua"
     # Lua long strings hold the JSON bodies verbatim; none of them contains "]==]"
     script.write_text(WRK_SCRIPT % ",\n".join(f"[==[{b.decode()}]==]" for b in bodies), encoding="utf-8")
-    cmd = ["wrk", "-t1", f"-c{users}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", str(script), url]
+    cmd = ["wrk", "-t1", f"-c{users}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script), url]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRK "))
     w = json.loads(line[4:])
@@ -215,8 +176,7 @@ def reloader(
 
 def warm(url: str, workers: int) -> None:
     """Every query of the locustfile's pool once per worker process (each has its own cache)."""
-    path = Path(os.environ.get("LOADTEST_QUERIES", ROOT / "data" / "scifact-demo" / "queries.jsonl"))
-    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = pool_texts()
     with httpx.Client(base_url=url, timeout=120) as c:
         for _ in range(workers * 3):  # connections land on workers at random: go round a few times
             for s in range(0, len(texts), 64):
@@ -266,13 +226,18 @@ def synthetic_root(n: int) -> Path:
     return root
 
 
-def run_one(args, root: Path, version: str, versions: list[str], token: str, tmp: Path,
-            client: str, workers: int, mode: str, users: int) -> tuple[list[dict], list]:  # fmt: skip
-    """A fresh service, warmed if asked, `client` against it (hot reloads meanwhile if asked)."""
+def run_one(args: argparse.Namespace, root: Path, version: str, versions: list[str], token: str, tmp: Path,
+            client: str, workers: int, mode: Batching, users: int) -> tuple[list[dict], list, Batching]:  # fmt: skip
+    """A fresh service, warmed if asked, `client` against it (hot reloads meanwhile if asked).
+    Returns the client's stats, the reload log and the batching mode the service reported in /info."""
     from index.pointer import publish
 
     by_pointer = args.reload_every is not None and args.reload_via == "pointer"
-    with Service(root, workers, mode, token, version, args.torch_threads, watch=by_pointer) as svc:
+    with Service(
+        root, workers=workers, batching=mode, token=token, version=version, torch_threads=args.torch_threads,
+        watch=by_pointer,
+    ) as svc:  # fmt: skip
+        served = svc.batching
         if args.warm_cache:
             warm(svc.url, workers)
         stop, log = threading.Event(), []
@@ -294,12 +259,12 @@ def run_one(args, root: Path, version: str, versions: list[str], token: str, tmp
                 t.join()
             if by_pointer:
                 publish(root, version)  # leave the root as it was
-    return stats, log
+    return stats, log, served
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", type=Path, default=ROOT / "artifacts" / "demo")
+    p.add_argument("--root", type=Path, help="artifact root (default: artifacts/demo; --tiny: a tiny hashed one)")
     p.add_argument("--synthetic", type=int, help="serve a synthetic N-item artifact instead of --root")
     p.add_argument("--mix", choices=sorted(MIXES), default="text")
     p.add_argument("--client", choices=("locust", "wrk"), nargs="+", default=["locust"])
@@ -307,7 +272,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--workers", type=int, nargs="+", default=[1])
     p.add_argument(
-        "--batching", choices=("on", "off", "inline", "both", "all"), default="both",
+        "--batching", choices=(*BATCHING_MODES, "both", "all"), default="both",
         help="micro-batching on, off, or off with vector searches on the event loop (inline); both: on + off",
     )  # fmt: skip
     p.add_argument("--rate", type=float, help="requests/s per user (offered load = users x rate); default: flat out")
@@ -324,32 +289,29 @@ def main() -> int:
     p.add_argument(
         "--warm-cache", action="store_true", help="send every query text once before the run (steady-state cache)"
     )
+    p.add_argument("--engine-seconds", type=float, default=5.0, help="time per in-process engine QPS sample")
     p.add_argument("--json-out", type=Path)
-    args = p.parse_args()
+    args = parse_args(p, tiny={"users": [4], "seconds": 2, "engine_seconds": 0.2})
     if "wrk" in args.client and (args.rate or args.mix == "mixed"):
         p.error("--client wrk runs flat out (no --rate) and only the text or vector mix")
 
-    from index.pointer import current_version
-
-    root = synthetic_root(args.synthetic) if args.synthetic else args.root
-    version = current_version(root)
-    if version is None:
-        sys.exit(f"no artifact in {root}: run `jointpq demo --no-serve` first")
+    root, version = artifact_root(synthetic_root(args.synthetic) if args.synthetic else args.root, args.tiny)
     versions = args.reload_versions or sorted(
         d.name for d in root.iterdir() if d.is_dir() and (d / "manifest.json").exists()
     )
     token = secrets.token_hex(16)
+    report = Report(as_json=True)
+    engine = engine_qps(root, version, args.nprobe, args.engine_seconds)
+    report({"event": "engine", "version": version, "nprobe": args.nprobe, **engine})
+    modes = parse_modes(args.batching)
     results = []
-    engine = engine_qps(root, version, args.nprobe)
-    print(json.dumps({"event": "engine", "version": version, "nprobe": args.nprobe, **engine}), flush=True)
-    modes = {"both": ["on", "off"], "all": ["on", "off", "inline"]}.get(args.batching, [args.batching])
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         configs = [(c, w, m, u) for c in args.client for w in args.workers for m in modes for u in args.users]
         for client, workers, mode, users in configs:
-            stats, log = run_one(args, root, version, versions, token, Path(tmp), client, workers, mode, users)
-            for s in stats:
-                row = {"client": client, "workers": workers, "batching": mode, "users": users, "mix": args.mix,
+            stats, log, served = run_one(args, root, version, versions, token, Path(tmp), client, workers, mode, users)
+            for s in stats:  # batching: what the service reported in /info, not what was asked for
+                row = {"client": client, "workers": workers, "batching": served, "users": users, "mix": args.mix,
                        "artifact": f"{root.name}/{version}", "warm_cache": args.warm_cache,
                        "rate_per_user": args.rate,
                        "query_cache": os.environ.get("JOINTPQ_QUERY_CACHE_SIZE", "default"), **s}  # fmt: skip
@@ -357,18 +319,16 @@ def main() -> int:
                     row["reloads"] = len(log)
                     row["reloads_ok"] = sum(code == 200 for _, code in log)
                 results.append(row)
-                print(json.dumps(row), flush=True)
+                report(row)
                 if s["name"] == "Aggregated" or client == "wrk":
                     failed += s["failures"] + (row.get("reloads", 0) - row.get("reloads_ok", 0))
-    print("\n| client | workers | batching | users | endpoint | RPS | p50 / p95 / p99 ms | failures |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if r["name"] == "/info" or (r["name"] == "Aggregated" and args.mix != "mixed"):
-            continue
-        print(
-            f"| {r['client']} | {r['workers']} | {r['batching']} | {r['users']} | {r['name']} | "
-            f"{r['rps']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} | {r['failures']} |"
-        )
+    header = ("client", "workers", "batching", "users", "endpoint", "RPS", "p50 / p95 / p99 ms", "failures")
+    shown = [r for r in results if r["name"] != "/info" and (r["name"] != "Aggregated" or args.mix == "mixed")]
+    print("\n" + markdown_table(header, [
+        (r["client"], r["workers"], r["batching"], r["users"], r["name"], f"{r['rps']:.0f}",
+         f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}", r["failures"])
+        for r in shown
+    ]))  # fmt: skip
     print(f"\nin-process engine, nprobe {args.nprobe}: {engine['engine_qps_batch1']:.0f} QPS single queries "
           f"(one caller), {engine['engine_qps_batch1_2threads']:.0f} (two threads), "
           f"{engine['engine_qps_batch64']:.0f} in batches of 64")  # fmt: skip

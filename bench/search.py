@@ -4,36 +4,36 @@ Rows: our torch backend and our faiss backend (both serving *our* two-step artif
 IndexIVFPQ and IndexIVFPQFastScan built by Faiss itself, at nprobe 1/8/32/128 and 1 and 2
 threads, on siftsmall (real, official ground truth) and a seeded synthetic clustered set
 (default 1M x 128, exact ground truth computed here). On CUDA, also the torch backend on the
-GPU at batch 1 and 256. Prints a table; `--json` prints one JSON object per row instead.
-Never asserts on time: compare ratios within one run.
+GPU at batch 1 and 256. Prints a line per row as it comes and a markdown table at the end; `--json`
+prints one JSON object per row instead. Never asserts on time: compare ratios within one run.
+siftsmall is read from $JOINTPQ_SHARED_DATA (else ../shared/data); missing, the run stops with an
+error unless `--skip-sift` says to leave it out.
 
     python bench/search.py                 # full run (~10 min on 2 cores)
     python bench/search.py --n 100000      # quicker synthetic set
     python bench/search.py --json > rows.jsonl
+    python bench/search.py --tiny          # seconds: 2k synthetic + siftsmall, nprobe 1 / 8, 1 thread
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import Report, kv_line, markdown_table, parse_args, require_shared
 
 from index import build_ivfpq, exact_search, load_index, make_searcher, write_artifact
 from index.artifact import IDS, _read_ids
 from index.vectors import read_vecs, read_vectors
 from service.demo import synthetic_clustered
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-NPROBES = (1, 8, 32, 128)
+SIFT_NLIST, SIFT_M = 64, 16
 
 
 def recall_at(found: np.ndarray, gt: np.ndarray, k: int) -> float:
@@ -89,7 +89,7 @@ def faiss_native(xb: np.ndarray, nlist: int, M: int, nbits: int, fast_scan: bool
 def run_dataset(name, xb, xq, gt, nlist, M, args, emit) -> None:
     import faiss
 
-    set_threads(2)
+    set_threads(max(args.threads))  # builds use the sweep's most threads (2 by default; --tiny: 1, no OMP contention)
     engines = {}
     t0 = time.perf_counter()
     ours = build_ivfpq(xb, nlist=nlist, M=M, nbits=8, metric="l2", seed=0)
@@ -129,9 +129,9 @@ def run_dataset(name, xb, xq, gt, nlist, M, args, emit) -> None:
         emit({"dataset": name, "event": "build", "engine": label, "train_seconds": t_train, "add_seconds": t_add})
         engines[label] = (index, None)
 
-    for threads in (1, 2):
+    for threads in args.threads:
         set_threads(threads)
-        for nprobe in NPROBES:
+        for nprobe in args.nprobe:
             nprobe = min(nprobe, nlist)
             calls, found = {}, {}
             for label, (engine, ids) in engines.items():
@@ -172,7 +172,7 @@ def run_dataset(name, xb, xq, gt, nlist, M, args, emit) -> None:
     if torch.cuda.is_available():
         gpu = make_searcher(ours, "cuda", "torch")
         for batch in (1, 256):
-            for nprobe in NPROBES:
+            for nprobe in args.nprobe:
                 nprobe = min(nprobe, nlist)
                 xs = [xq[s : s + batch] for s in range(0, len(xq) - batch + 1, batch)] or [xq]
 
@@ -205,28 +205,16 @@ def main() -> None:
     p.add_argument("--nlist", type=int, default=1024, help="cells for the synthetic set")
     p.add_argument("--min-seconds", type=float, default=1.0, help="time per QPS sample")
     p.add_argument("--repeats", type=int, default=3, help="rounds of samples; the best counts")
-    p.add_argument("--skip-sift", action="store_true")
+    p.add_argument("--nprobe", type=int, nargs="+", default=[1, 8, 32, 128], help="nprobe sweep (capped at nlist)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time")
+    p.add_argument("--skip-sift", action="store_true", help="leave siftsmall out (else missing data is an error)")
     p.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
-    args = p.parse_args()
+    args = parse_args(
+        p, tiny={"n": 2000, "nq": 50, "nlist": 16, "min_seconds": 0.02, "repeats": 1, "nprobe": [1, 8], "threads": [1]}
+    )
+    sift = None if args.skip_sift else require_shared("siftsmall")  # before any work: fail fast
 
-    rows: list[dict] = []
-
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        elif "qps" in row:
-            print(
-                f"{row['dataset']:<18} {row['engine']:<28} {str(row['device'])[:12]:<12} thr={row['threads']} "
-                f"nprobe={row['nprobe']:<4} batch={row['batch']:<5} R@10={row['recall@10']:.3f} "
-                f"R@100={row['recall@100']:.3f} QPS={row['qps']:>9.0f}",
-                flush=True,
-            )
-        else:
-            print(
-                "# " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                flush=True,
-            )
+    emit = Report(args.json, line)
 
     import faiss
 
@@ -234,24 +222,47 @@ def main() -> None:
         {
             "event": "machine",
             "platform": platform.platform(),
-            "cpu_count": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "faiss": faiss.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         }
     )
-    sift = SHARED / "siftsmall"
-    if not args.skip_sift and sift.exists():
+    if sift is not None:
         xb = read_vectors(sift / "siftsmall_base.bvecs")
         xq = read_vectors(sift / "siftsmall_query.fvecs")
         gt = read_vecs(sift / "siftsmall_groundtruth.ivecs")
-        run_dataset("siftsmall", xb, xq, gt, 64, 16, args, emit)
+        run_dataset("siftsmall", xb, xq, gt, SIFT_NLIST, SIFT_M, args, emit)
     if args.n:
         xb, xq = synthetic(args.n, args.nq)
         t0 = time.perf_counter()
         _, gt = exact_search(xq, xb, 100, "l2", device="auto")
         emit({"dataset": f"synthetic-{args.n}", "event": "ground truth", "seconds": time.perf_counter() - t0})
         run_dataset(f"synthetic-{args.n}", xb, xq, gt, args.nlist, 16, args, emit)
+    if not args.json:
+        print("\n" + summary_table(emit.rows))
+
+
+def line(row: dict) -> str:
+    """A measured row as one aligned line (progress for a long run); events as a `# k=v` comment."""
+    if "qps" not in row:
+        return "# " + kv_line(row)
+    return (
+        f"{row['dataset']:<18} {row['engine']:<28} {str(row['device'])[:12]:<12} thr={row['threads']} "
+        f"nprobe={row['nprobe']:<4} batch={row['batch']:<5} R@10={row['recall@10']:.3f} "
+        f"R@100={row['recall@100']:.3f} QPS={row['qps']:>9.0f}"
+    )
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Every measured row, as the markdown table docs/benchmarks.md quotes."""
+    header = ("dataset", "engine", "device", "threads", "nprobe", "batch", "R@10", "R@100", "QPS")
+    return markdown_table(header, [
+        (r["dataset"], r["engine"], r["device"], r["threads"], r["nprobe"], r["batch"], f"{r['recall@10']:.3f}",
+         f"{r['recall@100']:.3f}", f"{r['qps']:.0f}")
+        for r in rows if "qps" in r
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":
