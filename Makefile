@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench bench-http loadtest clean
+.PHONY: install demo test test-fast lint bench bench-http loadtest clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/jointpq demo
 
+# the whole suite, slow tests included: what CI runs
 test: install
 	$(BIN)/python -m pytest -q
+
+# the edit-run loop: everything not marked slow (no training, no demo artifacts, no locust/schemathesis)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

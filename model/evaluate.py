@@ -19,7 +19,8 @@ def metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[dict[str, int]])
             continue
         r10.append(len(pos & set(ids[:10])) / len(pos))
         r100.append(len(pos & set(ids[:100])) / len(pos))
-        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ids[:10]))
+        top = list(ids[:10])  # a repeated id keeps its slot but earns nothing the second time (nDCG <= 1)
+        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(top) if d not in top[:i])
         ideal = sorted((s for s in rel.values() if s > 0), reverse=True)[:10]
         idcg = sum(s / math.log2(i + 2) for i, s in enumerate(ideal))
         ndcg.append(dcg / idcg)

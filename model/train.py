@@ -344,7 +344,9 @@ def train_jpq(
             pos_rows = {row_of[d] for d in positives[q]}
             rank = {r: i + 1 for i, r in enumerate(rows)}
             negs = [r for r in rows if r not in pos_rows][: cfg.negatives]
-            cands[q] = ([(r, rank.get(r, pool + 1)) for r in pos_rows], [(r, rank[r]) for r in negs])
+            # sorted: a set's order follows the string hashes of the doc ids (PYTHONHASHSEED), and
+            # rng.choice below picks by position, so an unsorted list made runs differ by process
+            cands[q] = ([(r, rank.get(r, pool + 1)) for r in sorted(pos_rows)], [(r, rank[r]) for r in negs])
         order = list(qids)
         rng.shuffle(order)
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"jpq epoch {epoch + 1}", disable=not progress)

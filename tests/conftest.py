@@ -15,6 +15,18 @@ SHARED_DATA = Path(os.environ.get("JOINTPQ_SHARED_DATA", ROOT.parent / "shared" 
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Fixtures that take many seconds to build (two trained demo artifacts; a Poeem training run):
+# every test that uses one, directly or through another fixture, is `slow`, so `make test-fast`
+# (-m "not slow") never builds them. New users are marked without anyone remembering to.
+SLOW_FIXTURES = frozenset({"artifact_root", "trained"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def shared(name: str) -> Path:
     """Path of a shared data set, or skip the test saying why (a user's clone has no ../shared)."""

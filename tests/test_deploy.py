@@ -5,6 +5,7 @@ they run parses with the real `jointpq` parser."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -91,8 +92,108 @@ def test_dockerfile(dockerfile):
             assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} missing"
     if "Dockerfile.train" not in dockerfile.name:
         assert "HEALTHCHECK" in text and "/readyz" in text and 'VOLUME ["/artifacts"]' in text
-        assert 'ENTRYPOINT ["jointpq"]' in text and 'CMD ["serve"]' in text
-        parser().parse_args(["serve"])
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    logical = ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):  # Docker drops comment lines, inside a continuation too
+            continue
+        logical += line.rstrip()
+        if logical.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        if logical.strip():
+            word, _, rest = logical.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        logical = ""
+    return out
+
+
+def exec_argv(args: str) -> list[str]:
+    """CMD / ENTRYPOINT arguments as Docker reads them: a JSON array (exec form), else shell form."""
+    if args.startswith("["):
+        argv = json.loads(args)
+        assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), args
+        return argv
+    return ["/bin/sh", "-c", args]
+
+
+def image_argv(dockerfile: Path) -> tuple[list[str], dict[str, str]]:
+    """The argv the final image runs (ENTRYPOINT + CMD of the last stage, the last of each winning;
+    the base image's CMD is ignored, as Docker drops it once the stage sets an ENTRYPOINT) and
+    where the last stage's COPY puts repository files (destination -> source)."""
+    stages: list[list[tuple[str, str]]] = []
+    for word, args in instructions(dockerfile.read_text()):
+        if word == "FROM":
+            stages.append([])
+        elif stages:
+            stages[-1].append((word, args))
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    copies: dict[str, str] = {}
+    for word, args in stages[-1]:
+        if word == "ENTRYPOINT":
+            entrypoint = exec_argv(args)  # it drops the base image's CMD, not one set in this stage
+        elif word == "CMD":
+            cmd = exec_argv(args)
+        elif word == "COPY" and "--from=" not in args:
+            *sources, dest = [w for w in args.split() if not w.startswith("--")]
+            if len(sources) == 1:
+                copies[dest] = sources[0]
+    return entrypoint + cmd, copies
+
+
+def script_jointpq_argv(script: str, extra: list[str]) -> list[str]:
+    """The arguments a shell script passes to `exec jointpq`, its "$@" replaced by `extra` and its
+    variables by placeholders."""
+    cmd = script[script.index("exec jointpq") + len("exec jointpq") :].replace("\\\n", " ").splitlines()[0]
+    args = []
+    for a in shlex.split(cmd):
+        if a == "$@":
+            args += extra
+        else:
+            args.append(re.sub(r"\$\{?\w+\}?", "x", a))
+    return args
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_command_parses_with_the_real_parser(dockerfile):
+    """What `docker run IMAGE` would execute, read from the Dockerfile's own ENTRYPOINT and CMD,
+    is a valid `jointpq` command line (following a `sh script` entrypoint into the script)."""
+    argv, copies = image_argv(dockerfile)
+    assert argv, f"{dockerfile.name}: no ENTRYPOINT or CMD"
+    if argv[0] in ("sh", "/bin/sh") and argv[1:2] and argv[1] != "-c":
+        assert argv[1] in copies, f"{dockerfile.name}: {argv[1]} is not copied into the image"
+        script = (ROOT / copies[argv[1]]).read_text()
+        jointpq_args = script_jointpq_argv(script, argv[2:])
+    else:
+        assert argv[0] == "jointpq", f"{dockerfile.name}: runs {argv}, not the jointpq console script"
+        jointpq_args = argv[1:]
+    ns = parser().parse_args(jointpq_args)  # SystemExit (a failed test) on an unknown command or flag
+    assert callable(ns.func)
+    expected = "train" if "Dockerfile.train" in dockerfile.name else "serve"
+    assert ns.command == expected, (dockerfile.name, jointpq_args)
+    if expected == "train":
+        assert ns.mode == "poeem" and ns.encoder == "minilm-head" and ns.publish
+
+
+def test_image_argv_reads_the_last_stage_and_exec_form(tmp_path):
+    """The Dockerfile reader itself: last stage only, last CMD wins, HEALTHCHECK's CMD ignored,
+    shell form wrapped in /bin/sh -c, CMD and ENTRYPOINT in either order."""
+    f = tmp_path / "Dockerfile.x"
+    f.write_text(
+        'FROM a AS build\nENTRYPOINT ["nope"]\nFROM b\n# CMD ["comment"]\n'
+        'HEALTHCHECK --interval=1s \\\n  CMD ["curl", "x"]\nENTRYPOINT ["jointpq"]\nCMD ["build"]\n'
+        'CMD ["serve", \\\n# a comment\n "--port", "1"]\n'
+    )
+    assert image_argv(f)[0] == ["jointpq", "serve", "--port", "1"]
+    f.write_text('FROM b\nCMD ["serve"]\nENTRYPOINT ["jointpq"]\n')
+    assert image_argv(f)[0] == ["jointpq", "serve"]
+    f.write_text("FROM b\nCMD jointpq serve --port 8000\n")
+    assert image_argv(f)[0] == ["/bin/sh", "-c", "jointpq serve --port 8000"]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -121,8 +222,6 @@ def test_constraints_pin_what_the_images_install():
 
 def test_trainer_command_parses():
     script = (ROOT / "docker" / "train.sh").read_text()
-    cmd = script[script.index("exec jointpq") + len("exec jointpq") :].replace("\\\n", " ")
-    args = [a.replace('"', "") for a in shlex.split(cmd.replace('"$@"', ""), posix=False)]
-    args = [a.replace("${TRAIN_DATA}", "/d").replace("${TRAIN_ROOT}/${version}", "/a/v") for a in args]
-    ns = parser().parse_args(args)
+    ns = parser().parse_args(script_jointpq_argv(script, ["--m", "48", "--epochs", "20"]))  # the documented use
     assert ns.mode == "poeem" and ns.encoder == "minilm-head" and ns.publish
+    assert ns.m == 48 and ns.epochs == 20  # "$@" comes last, so the caller's flags win

@@ -41,7 +41,10 @@ def test_fast_scan_export_serves_4bit_codes(small_data, small_indexes):
         to_faiss(small_indexes["ip", 8, False], fast_scan=True)
 
 
-@pytest.mark.parametrize("spec", ["IVF16,PQ8", "OPQ8,IVF16,PQ8", "IVF16,PQ16x4"])
+@pytest.mark.parametrize(
+    "spec",
+    ["IVF16,PQ8", pytest.param("OPQ8,IVF16,PQ8", marks=pytest.mark.slow), "IVF16,PQ16x4"],  # OPQ: ~3 s
+)
 @pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
 def test_faiss_index_imports_and_searches_the_same(small_data, spec, metric):
     xb, xq = small_data

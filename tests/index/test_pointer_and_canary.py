@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from index import ArtifactError, Index, build_ivfpq, write_artifact
+from index import ArtifactError, Index, JointPQError, build_ivfpq, write_artifact
 from index.canary import make_canaries, read_canaries, recall
-from index.pointer import PathOutsideRoot, current_version, publish, read_pointer, resolve_in_root
+from index.pointer import BadArtifactName, PathOutsideRoot, current_version, publish, read_pointer, resolve_in_root
 from tests.conftest import clustered
 
 
@@ -22,16 +23,34 @@ def root(tmp_path):
     return tmp_path, idx, x
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc", "a-v1/../../x", "", "  ", ".", "a\x00b"])
-def test_paths_outside_the_root_are_refused(root, name):
-    with pytest.raises(PathOutsideRoot):
+OUTSIDE = "is not inside the artifact root"
+UNUSABLE = "the artifact name is empty, not a string, or holds a NUL byte"
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        ("../x", PathOutsideRoot, f"'../x' {OUTSIDE}"),
+        ("/etc", PathOutsideRoot, f"'/etc' {OUTSIDE}"),
+        ("a-v1/../../x", PathOutsideRoot, f"'a-v1/../../x' {OUTSIDE}"),
+        (".", PathOutsideRoot, f"'.' {OUTSIDE}"),  # the root itself is no version
+        ("", BadArtifactName, UNUSABLE),
+        ("  ", BadArtifactName, UNUSABLE),
+        ("a\x00b", BadArtifactName, UNUSABLE),
+        (None, BadArtifactName, UNUSABLE),
+        ("x" * 256, BadArtifactName, "too long (256 bytes; at most 255 per path component"),
+    ],
+)
+def test_paths_outside_the_root_are_refused(root, name, error, message):
+    with pytest.raises(error, match=re.escape(message)) as err:
         resolve_in_root(root[0], name)
+    assert type(err.value) is error  # PathOutsideRoot is a BadArtifactName: the exact class matters
 
 
 def test_symlink_out_of_root_is_refused(root, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     (root[0] / "link").symlink_to(outside)
-    with pytest.raises(PathOutsideRoot):
+    with pytest.raises(PathOutsideRoot, match="'link' is not inside the artifact root"):
         resolve_in_root(root[0], "link")
     assert resolve_in_root(root[0], "a-v1") == (root[0] / "a-v1").resolve()
 
@@ -41,8 +60,13 @@ def test_publish_and_current_version(root):
     assert read_pointer(path) is None and current_version(path) in ("a-v1", "a-v2")
     publish(path, "a-v1")
     assert read_pointer(path) == "a-v1" == current_version(path)
-    with pytest.raises(Exception, match="not an artifact"):
+    with pytest.raises(JointPQError, match=r"missing: not an artifact \(no manifest\.json\)$") as err:
         publish(path, "missing")
+    assert type(err.value) is JointPQError  # the base class itself, not PathOutsideRoot: "missing" is inside
+    assert read_pointer(path) == "a-v1"  # the refused publish left the pointer alone
+    with pytest.raises(PathOutsideRoot, match=r"'\.\./a-v1' is not inside the artifact root"):
+        publish(path, "../a-v1")
+    assert read_pointer(path) == "a-v1"
     assert [p.name for p in path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
@@ -60,5 +84,6 @@ def test_canaries_round_trip_and_gate(root):
     assert recall([["a", "b"]], [["b", "c"]]) == 0.5
     assert read_canaries(path / "a-v2") is None
     (path / "a-v2" / "canary.json").write_text(json.dumps({"queries": [{"vector": [1]}]}))
-    with pytest.raises(ArtifactError, match="malformed canary"):
+    no_ids = "canary.json: queries[0].expected must be a non-empty list of ids"
+    with pytest.raises(ArtifactError, match=re.escape(no_ids)):
         read_canaries(path / "a-v2")

@@ -31,6 +31,7 @@ def ours_and_faiss(siftsmall):
 
 
 @pytest.mark.parametrize("nprobe", [1, 4, 16, NLIST])
+@pytest.mark.slow  # the module's `ours_and_faiss` builds two indexes of 10k SIFT vectors
 def test_two_step_ivfpq_recall_matches_faiss(siftsmall, ours_and_faiss, nprobe):
     _, xq, gt = siftsmall
     ours, ref = ours_and_faiss
@@ -42,6 +43,7 @@ def test_two_step_ivfpq_recall_matches_faiss(siftsmall, ours_and_faiss, nprobe):
     assert abs(r_ours - r_ref) <= 0.02, f"nprobe={nprobe}: ours {r_ours:.3f} vs faiss {r_ref:.3f}"
 
 
+@pytest.mark.slow  # the module's `ours_and_faiss` builds two indexes of 10k SIFT vectors
 def test_torch_and_faiss_backends_agree_on_the_same_artifact(siftsmall, ours_and_faiss):
     _, xq, _ = siftsmall
     ours, _ = ours_and_faiss

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -10,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import clustered
+from service.cli import parser
+from tests.conftest import ROOT, clustered
 
 
 def _jointpq(*args, cwd=None):
@@ -19,6 +24,7 @@ def _jointpq(*args, cwd=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+@pytest.mark.slow  # two subprocesses, a build with OPQ (~7 s)
 def test_build_then_search(tmp_path):
     np.save(tmp_path / "base.npy", clustered(2000, 16))
     np.save(tmp_path / "q.npy", clustered(3, 16, seed=5))
@@ -50,6 +56,7 @@ def test_build_then_search(tmp_path):
     assert len(rows) == 3 and all(len(r["ids"]) == 3 and r["ids"][0].startswith("sku-") for r in rows)
 
 
+@pytest.mark.slow  # two subprocesses (~3 s)
 def test_errors_are_one_clear_line(tmp_path):
     out = _jointpq("search", "--artifact", str(tmp_path / "missing"), "--queries", str(tmp_path / "q.npy"))
     assert out.returncode == 2
@@ -61,14 +68,112 @@ def test_errors_are_one_clear_line(tmp_path):
     assert out.returncode == 2 and "divisible by M=5" in out.stderr
 
 
-@pytest.mark.parametrize("command", ["build", "search", "demo", "serve", "train"])
-def test_help_shows_a_working_example(command):
-    out = _jointpq(command, "--help")
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+COMMANDS = sorted(_subparsers())
+NO_EXAMPLE = {"demo"}  # `jointpq demo` takes no required argument: the README's first command
+
+
+def help_example(command: str) -> list[str] | None:
+    """The example command line printed at the end of `jointpq COMMAND --help`, as argv (leading
+    VAR=value environment assignments included), or None when the help shows none."""
+    text = _subparsers()[command].format_help()
+    if "example:" not in text:
+        return None
+    lines = [ln.strip() for ln in text.split("example:", 1)[1].splitlines() if ln.strip()]
+    assert lines, f"{command}: 'example:' with nothing after it"
+    return shlex.split(lines[0])
+
+
+def split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    env = {}
+    while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", argv[0]):
+        name, _, value = argv[0].partition("=")
+        env[name] = value
+        argv = argv[1:]
+    return env, argv
+
+
+def test_help_runs_from_the_console_script():
+    out = _jointpq("--help")
     assert out.returncode == 0 and "usage: jointpq" in out.stdout
-    if command != "demo":
-        assert "example:" in out.stdout
+    for command in COMMANDS:
+        assert command in out.stdout
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_example_parses_with_the_real_parser(command):
+    """The example in COMMAND --help is a complete, valid command line for COMMAND: a renamed or
+    removed flag, a bad choice or a missing required argument fails here."""
+    from service.settings import Settings
+
+    argv = help_example(command)
+    if command in NO_EXAMPLE:
+        assert argv is None, f"{command} now has an example: check it like the others"
+        argv = ["jointpq", command]
+    assert argv is not None, f"`jointpq {command} --help` shows no example"
+    env, argv = split_env(argv)
+    assert argv[:2] == ["jointpq", command], argv
+    assert set(env) <= {f"JOINTPQ_{f.upper()}" for f in Settings.model_fields}, env  # real settings only
+    ns = parser().parse_args(argv[1:])  # argparse exits (a failure) on an unknown flag or bad value
+    assert ns.command == command and callable(ns.func)
+    if command == "serve":  # its settings must validate too (e.g. an admin token of >= 8 characters)
+        from service.serve import apply_flags
+
+        saved = {k: v for k, v in os.environ.items() if k.startswith("JOINTPQ_")}
+        try:
+            for k in saved:
+                del os.environ[k]
+            os.environ.update(env)
+            apply_flags(ns)  # what `jointpq serve` does before it builds its Settings
+            settings = Settings()
+        finally:
+            for k in [k for k in os.environ if k.startswith("JOINTPQ_")]:
+                del os.environ[k]
+            os.environ.update(saved)
+        assert settings.admin_token is not None and str(settings.artifact_root) == "artifacts/demo"
+
+
+def test_help_examples_form_a_chain():
+    """Each example uses what the one before it makes: search / faiss-export read build's artifact,
+    faiss-import reads export's file, eval reads train's artifact; train's data path is the shared
+    data set seen from the repository root (where the examples are run)."""
+    ex = {c: parser().parse_args(split_env(help_example(c))[1][1:]) for c in COMMANDS if c not in NO_EXAMPLE}
+    assert ex["search"].artifact == ex["build"].out == ex["faiss-export"].artifact
+    assert ex["faiss-import"].index == ex["faiss-export"].out
+    assert ex["eval"].artifact == ex["train"].out and ex["eval"].data == ex["train"].data
+    default_shared = ROOT.parent / "shared" / "data"
+    if default_shared.is_dir():
+        assert (ROOT / ex["train"].data).is_dir(), ex["train"].data
+
+
+@pytest.mark.slow  # four subprocesses, a build with OPQ
+def test_help_examples_run_as_written(tmp_path):
+    """build -> search -> faiss-export -> faiss-import, each run verbatim from its --help (argv
+    as printed, in a directory holding the files they name) on a small set of vectors."""
+    pytest.importorskip("faiss")
+    from index.vectors import write_vecs
+
+    write_vecs(tmp_path / "base.fvecs", clustered(3000, 32))
+    write_vecs(tmp_path / "queries.fvecs", clustered(4, 32, seed=5))
+    results = {}
+    for command in ("build", "search", "faiss-export", "faiss-import"):
+        env, argv = split_env(help_example(command))
+        assert not env, env  # none of these needs a setting
+        out = _jointpq(*argv[1:], cwd=tmp_path)
+        assert out.returncode == 0, (argv, out.stderr)
+        results[command] = out.stdout
+    assert json.loads(results["build"])["n_items"] == 3000
+    rows = [json.loads(line) for line in results["search"].splitlines()]
+    assert len(rows) == 4 and all(len(r["ids"]) == 10 for r in rows)
+    assert (tmp_path / "sift.faiss").is_file()
+    assert json.loads(results["faiss-import"].splitlines()[-1])["n_items"] == 3000
+
+
+@pytest.mark.slow  # trains the demo artifact (~17 s)
 def test_demo_trains_once_then_reuses(tmp_path):
     """`jointpq demo` trains on the shipped SciFact subset, publishes, and reuses it next time."""
     args = ("demo", "--root", str(tmp_path / "demo"), "--encoder", "hashed", "--max-seconds", "2", "--no-serve")
@@ -82,6 +187,7 @@ def test_demo_trains_once_then_reuses(tmp_path):
     assert again.returncode == 0 and "serving the existing artifact" in again.stdout
 
 
+@pytest.mark.slow  # four subprocesses (~10 s)
 def test_faiss_export_then_import_round_trips(tmp_path):
     pytest.importorskip("faiss")
     from index import load_index
@@ -116,6 +222,7 @@ def test_faiss_export_then_import_round_trips(tmp_path):
     assert a == b
 
 
+@pytest.mark.slow  # trains on SciFact (~14 s)
 def test_train_then_eval_json(tmp_path):
     from tests.conftest import shared
 

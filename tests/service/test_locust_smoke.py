@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow  # locust for ~8 s, on the demo artifacts
 def test_locust_headless_smoke(artifact_root, serve, tmp_path):
     exe = shutil.which("locust") or str(Path(sys.executable).parent / "locust")
     if not Path(exe).exists():

@@ -14,6 +14,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import TOKEN, admin, client
@@ -27,6 +28,7 @@ def samples(text: str) -> dict[tuple, float]:
     return out
 
 
+@pytest.mark.slow  # the demo artifacts
 def test_health_info_and_metrics_count_what_was_done(artifact_root, serve, queries):
     s = serve(artifact_root)
     with client(s) as c:
@@ -57,6 +59,7 @@ def test_health_info_and_metrics_count_what_was_done(artifact_root, serve, queri
     assert m[("jointpq_search_duration_seconds_count", ())] >= 1
 
 
+@pytest.mark.slow  # the demo artifacts
 def test_one_json_access_line_per_request(artifact_root, serve, caplog):
     from service.logs import JsonFormatter
 
@@ -85,6 +88,7 @@ def _jointpq_serve(root, port, *extra):
     return subprocess.Popen([*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # `jointpq serve --workers 2` on the demo artifacts
 def test_jointpq_serve_command(artifact_root, queries):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,6 +12,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from tests.service.conftest import admin  # noqa: E402
 
 
+@pytest.mark.slow  # schemathesis, on the demo artifacts
 def test_no_server_error(artifact_root, serve):
     srv = serve(artifact_root, max_batch=16)
     schema = schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
