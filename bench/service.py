@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -148,6 +149,12 @@ def main() -> None:
     p.add_argument("--heavy-clients", type=int, default=4, help="small-request clients in --heavy")
     p.add_argument("--heavy-seconds", type=float, default=30, help="duration of each --heavy run")
     p.add_argument("--skip-basic", action="store_true", help="only the --heavy runs")
+    p.add_argument(
+        "--query-cache",
+        action="store_true",
+        help="keep the service's query-embedding cache on (default off: the bench cycles through a few hundred "
+        "queries, so with it on every text row after the first pass measures cache hits, not the encoder)",
+    )
     p.add_argument("--json", action="store_true")
     args = parse_args(
         p, tiny={"n": 20, "concurrency": [4], "seconds": 0.5, "warmup": 5, "heavy_seconds": 1.0, "heavy_clients": 2}
@@ -157,6 +164,8 @@ def main() -> None:
     from model.data import load_beir
     from model.encoders import load_encoder
 
+    if not args.query_cache:
+        os.environ["JOINTPQ_QUERY_CACHE_SIZE"] = "0"  # inherited by every `jointpq serve` started below
     root, version = artifact_root(args.root, args.tiny)
     data = load_beir(DEMO_DATA, splits=("test",))
     texts = [data.queries[q] for q in sorted(data.qrels["test"])]
@@ -165,7 +174,8 @@ def main() -> None:
     vectors = enc.encode(texts).numpy().tolist()
     bodies = {"text": [{"query": t} for t in texts], "vector": [{"vector": v} for v in vectors]}
     emit = Report(args.json)
-    emit({"event": "artifact", "version": version, "n_items": idx.data.n, "backend": idx.backend})
+    emit({"event": "artifact", "version": version, "n_items": idx.data.n, "backend": idx.backend,
+          "query_cache": bool(args.query_cache)})  # fmt: skip
     token = "bench-" + "0" * 16
     # rows carry `batching` as the server reported it (Service checks it against the mode asked for)
     if args.heavy:

@@ -95,6 +95,24 @@ class QueryCache:
         }
 
 
+def encode_by_length(encoder: Any, texts: list[str]) -> np.ndarray:
+    """(n,) texts -> (n, dim) float32, one encoder call per group of similar lengths (characters,
+    the tokens' proxy). A transformer batch is padded to its longest input, so a short query
+    coalesced with a 2,000-character one cost as much as the long one; grouped, each pays about
+    its own length. The embeddings do not depend on the grouping (padding is masked)."""
+    if len(texts) <= 1:
+        return encoder.encode(texts, batch_size=1).numpy()
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    start = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or len(texts[order[end]]) > 2 * len(texts[order[start]]) + 64:
+            group = order[start:end]
+            out[group] = encoder.encode([texts[i] for i in group], batch_size=len(group)).numpy()
+            start = end
+    return out
+
+
 class ReloadRefused(Exception):  # noqa: N818 - reads as the outcome
     """A candidate artifact was not swapped in; `status` is the HTTP status that says why."""
 
@@ -135,11 +153,11 @@ class Loaded:
         if self.encoder is None:
             raise JointPQError(f"artifact {self.version} has no query encoder: send vectors")
         if self.cache is None:
-            return self.encoder.encode(texts, batch_size=max(len(texts), 1)).numpy()
+            return encode_by_length(self.encoder, texts)
         out, missing = self.cache.get_many(texts)
         if missing:
             todo = list(dict.fromkeys(texts[i] for i in missing))
-            fresh = self.encoder.encode(todo, batch_size=len(todo)).numpy()
+            fresh = encode_by_length(self.encoder, todo)
             self.cache.put_many(todo, fresh)
             row = {t: fresh[j] for j, t in enumerate(todo)}
             for i in missing:

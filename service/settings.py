@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         32, ge=1, description="a request with more queries is run in pieces of this many, others' pieces between"
     )
     request_piece_chars: int = Field(
-        8192, ge=1, description="and in pieces of at most this many characters of text (the encoder's cost)"
+        4096, ge=1, description="and in pieces of at most this many characters of text (the encoder's cost)"
     )
 
     timeout_keep_alive_s: int = Field(5, ge=1, description="close an idle keep-alive connection after this")

