@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 from .artifact import MANIFEST
-from .errors import JointPQError
+from .errors import ArtifactError, JointPQError
 
 POINTER = "CURRENT"
 
@@ -110,7 +110,7 @@ def publish(root: str | Path, version: str, pointer: str = POINTER) -> Path:
     """Point `root/pointer` at `version` (which must be an artifact inside root), atomically."""
     target = resolve_in_root(root, version)
     if not (target / MANIFEST).is_file():
-        raise JointPQError(f"{target}: not an artifact (no {MANIFEST})")
+        raise ArtifactError(f"{target}: not an artifact (no {MANIFEST})")
     path = Path(root) / pointer
     tmp = path.with_name(f".{pointer}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(version + "\n", encoding="utf-8")

@@ -25,6 +25,6 @@ def lambda_pairwise(
     pos_scores: torch.Tensor, neg_scores: torch.Tensor, pos_rank: torch.Tensor, neg_rank: torch.Tensor
 ) -> torch.Tensor:
     """pos_scores (B,), neg_scores (B, N), 1-based ranks of each in the current index ->
-    mean over pairs of |1/r_neg - 1/r_pos| * log(1 + exp(s_neg - s_pos))."""
+    mean over queries of the sum over its N negatives of |1/r_neg - 1/r_pos| * log(1 + exp(s_neg - s_pos))."""
     weight = (1.0 / neg_rank.float() - 1.0 / pos_rank.float()[:, None]).abs()  # (B, N)
     return (weight * F.softplus(neg_scores - pos_scores[:, None])).sum(1).mean()

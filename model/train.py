@@ -142,6 +142,11 @@ def train_poeem(
     positives = {q: set(docs) for q, docs in data.positives(split).items()}
     qids = sorted(positives)
     rng = random.Random(cfg.seed)
+    if cfg.epochs and len(pairs) < cfg.batch_size:  # the loop below would run no step, silently
+        raise ValueError(
+            f"{len(pairs)} training pairs in {split!r}, fewer than batch_size={cfg.batch_size}: no training step"
+            " would run; lower the batch size or give more labelled queries"
+        )
     history, step, hard = [], 0, {}
     t0 = time.perf_counter()
     stop = False

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("JOINTPQ_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# an empty JOINTPQ_SHARED_DATA counts as unset (as in bench/harness.py), not as the current directory
+SHARED_DATA = Path(os.environ.get("JOINTPQ_SHARED_DATA") or ROOT.parent / "shared" / "data")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

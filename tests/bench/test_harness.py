@@ -47,6 +47,9 @@ def test_the_served_mode_is_read_from_info_settings():
     assert served_batching({"batching": True, "inline_vector_search": True}) == "on"  # the batcher wins (app.py)
     assert served_batching({"batching": False, "inline_vector_search": True}) == "inline"
     assert served_batching({"batching": False, "inline_vector_search": False}) == "off"
+    assert served_batching({"engine_mode": "inline", "batching": False}) == "inline"  # the server's own word wins
+    with pytest.raises(ValueError, match="batching mode"):
+        served_batching({"engine_mode": "turbo"})
     with pytest.raises(ValueError, match="inline_vector_search"):
         served_batching({"batching": False})
     with pytest.raises(ValueError):
