@@ -76,8 +76,9 @@ def header_timeout(config: uvicorn.Config) -> float:
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn keyword arguments for `settings`: our protocol, keep-alive and concurrency
-    limits, and logging left to us (one JSON access line per request comes from the app)."""
-    os.environ["JOINTPQ_HEADER_TIMEOUT_S"] = str(settings.header_timeout_s)  # for spawned workers
+    limits, and logging left to us (one JSON access line per request comes from the app).
+    Worker processes read the header deadline from JOINTPQ_HEADER_TIMEOUT_S: `jointpq serve`
+    exports it (`export_for_workers`)."""
     return {
         "host": settings.host,
         "port": settings.port,
@@ -89,6 +90,12 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "access_log": False,
         "timeout_graceful_shutdown": 10,
     }
+
+
+def export_for_workers(settings: Settings) -> None:
+    """Put what the protocol reads from the environment there, for the worker processes uvicorn
+    spawns (they rebuild the app from JOINTPQ_* variables)."""
+    os.environ["JOINTPQ_HEADER_TIMEOUT_S"] = str(settings.header_timeout_s)
 
 
 def in_process_config(settings: Settings, app: Any) -> uvicorn.Config:

@@ -71,7 +71,7 @@ def apply_flags(args: argparse.Namespace) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .http_limits import uvicorn_options
+    from .http_limits import export_for_workers, uvicorn_options
     from .logs import configure_logging
     from .settings import Settings, describe_errors
 
@@ -83,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    export_for_workers(settings)
     uvicorn.run("service.app:app_from_env", factory=True, **uvicorn_options(settings))
     return 0
