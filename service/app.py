@@ -85,6 +85,10 @@ class BodyTooLarge(Exception):  # noqa: N818 - reads as the outcome
     pass
 
 
+class BodyTimeout(Exception):  # noqa: N818 - reads as the outcome
+    """The body did not arrive within `body_timeout_s` (a slow client must not hold a slot)."""
+
+
 class ClientGone(Exception):  # noqa: N818 - reads as the outcome
     """The client disconnected before its whole body arrived: nothing to search, no one to answer."""
 
@@ -161,7 +165,7 @@ class RequestMiddleware:
             )
         except ClientGone:
             state["status"] = CLIENT_CLOSED  # logged and counted as such; there is no one to answer
-        except TimeoutError:
+        except BodyTimeout:
             msg = f"request body not received within {self.body_timeout_s:g} s"
             await json_response(error_body(msg, "body"), 408, {"connection": "close"})(scope, receive, send_wrapped)
         except Exception:
@@ -189,22 +193,25 @@ class RequestMiddleware:
     async def _read_body(self, scope, receive) -> bytes:
         """The whole body, up to the limit (requests here are small): BodyTooLarge past it,
         ClientGone if the client leaves before the end (a cut body is never searched),
-        TimeoutError if it is not all in within `body_timeout_s` (a slow client holds no slot)."""
+        BodyTimeout if it is not all in within `body_timeout_s` (a slow client holds no slot)."""
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise BodyTooLarge
         chunks, size, more = [], 0, True
-        async with asyncio.timeout(self.body_timeout_s):
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_body:
-                    raise BodyTooLarge
-                chunks.append(chunk)
-                more = message.get("more_body", False)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise BodyTooLarge
+                    chunks.append(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            raise BodyTimeout from None
         return b"".join(chunks)
 
 
@@ -375,12 +382,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return unsupported_media_type()
         return await answer_search(await request.body())
 
-    async def run_piece(job: Job) -> JobResult:
+    async def run_piece(job: Job, after_another: bool) -> JobResult:
         """One engine call's worth of a request; pieces of one request run one after another."""
         if batcher is not None:
             return await batcher.submit(job)
         if job.texts is None and settings.inline_vector_search:
-            await asyncio.sleep(0)  # between pieces, let the loop serve other requests
+            if after_another:  # on the event loop: let it serve other requests between pieces
+                await asyncio.sleep(0)
             return run_jobs([job], metrics.observe_batch)[0]
         loop = asyncio.get_running_loop()
         return (await loop.run_in_executor(executor, run_jobs, [job], metrics.observe_batch))[0]
@@ -402,7 +410,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             job = Job(loaded, texts, vectors, req.k or settings.default_k, req.nprobe or settings.default_nprobe)
             try:
                 pieces = split_job(job, settings.request_piece_queries, settings.request_piece_chars)
-                result = JobResult.concat([await run_piece(p) for p in pieces])
+                result = JobResult.concat([await run_piece(p, i > 0) for i, p in enumerate(pieces)])
             except JointPQError as e:
                 raise ApiError(400, str(e)) from None
         except ApiError as e:

@@ -508,3 +508,20 @@ def test_12_warnings_are_json_log_lines():
     logged = [json.loads(line) for line in lines]
     assert logged[0]["logger"] == "py.warnings" and re.search("overflow", logged[0]["msg"])
     assert "plain warning" in logged[1]["msg"]
+
+
+@pytest.mark.parametrize(
+    "mode", [{"batching": True}, {"batching": False}, {"batching": False, "inline_vector_search": True}]
+)
+def test_4_vector_requests_in_pieces_on_every_engine_path(artifact_root, serve, mode):
+    from index import load_index
+
+    s = serve(artifact_root, artifact="vec-v1", request_piece_queries=4, **mode)
+    x = np.random.default_rng(3).standard_normal((30, 24)).astype(np.float32)
+    with client(s) as c:
+        calls_before = metric(c, "jointpq_batch_queries_count")
+        r = c.post("/search", json={"vectors": x.tolist(), "k": 15})
+        assert r.status_code == 200, r.text
+        assert metric(c, "jointpq_batch_queries_count") - calls_before == 8
+    _, ids = load_index(artifact_root / "vec-v1", device="cpu").search(x, k=15, nprobe=16)
+    assert [res["ids"] for res in r.json()["results"]] == ids
