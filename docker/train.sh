@@ -1,7 +1,8 @@
 #!/bin/sh
 # One-shot training job (trainer image): a new, timestamped artifact version in $TRAIN_ROOT,
-# published atomically. Extra arguments go to `jointpq train` (e.g. --m 48 --epochs 20).
+# published atomically. The mode is what `--mode auto` picks from the data (labels or not); the
+# hyperparameters are the named preset's (model/presets.py), never numbers here. Extra arguments
+# go to `jointpq train` (e.g. --mode distill --queries /data/queries.txt, or --m 48).
 set -eu
 version="${TRAIN_NAME}-$(date -u +%Y%m%d-%H%M%S)"
-exec jointpq train --mode poeem --encoder minilm-head --separate-towers \
-  --data "${TRAIN_DATA}" --out "${TRAIN_ROOT}/${version}" --m 16 --nlist 32 --lr 1e-3 --publish "$@"
+exec jointpq train --preset trainer-image --data "${TRAIN_DATA}" --out "${TRAIN_ROOT}/${version}" --publish "$@"

@@ -6,53 +6,52 @@ import argparse
 import json
 from pathlib import Path
 
-TRAIN_EXAMPLE = """example:
-  jointpq train --mode poeem --data ../shared/data/scifact --out artifacts/scifact-poeem --m 16 --nlist 64 --epochs 10
+TRAIN_EXAMPLE = """examples:
+  jointpq train --data ../shared/data/scifact --out artifacts/scifact-auto          # auto: picks the mode from the data
+  jointpq train --mode distill --data ../shared/data/scifact --out artifacts/scifact-distill --m 8 --queries queries.txt
+  jointpq train --mode poeem --data ../shared/data/scifact --out artifacts/scifact-poeem --distill-weight 1
 """
 EVAL_EXAMPLE = """example:
-  jointpq eval --artifact artifacts/scifact-poeem --data ../shared/data/scifact --split test --json
+  jointpq eval --artifact artifacts/scifact-auto --data ../shared/data/scifact --split test --json
 """
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from .train import TrainConfig
+    from .config import add_config_flags
+    from .modes import MODES
+    from .presets import PRESETS
 
-    d = TrainConfig()
     p = sub.add_parser(
         "train",
-        help="train encoder + IVF-PQ index jointly, write an artifact",
+        help="train encoder + IVF-PQ index jointly (or distill the index without labels), write an artifact",
+        description="Modes: auto (default: picks from the data), "
+        + "; ".join(f"{m.name}: {m.summary}" for m in MODES.values())
+        + ". Every run holds queries aside and never ships an index worse than the two-step start (--no-guard: off).",
         epilog=TRAIN_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--mode", choices=("poeem", "jpq"), default=d.mode)
-    p.add_argument("--data", required=True, type=Path, help="BEIR directory (corpus, queries, qrels/)")
+    p.add_argument("--mode", choices=("auto", *MODES), default="auto", help="auto: no labels -> distill, else poeem")
+    p.add_argument("--data", required=True, type=Path, help="BEIR directory: corpus.jsonl[.gz] (+ queries, qrels/)")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create")
+    p.add_argument("--queries", type=Path, help="distill: training query texts (one a line, or JSONL with 'text')")
     p.add_argument(
-        "--encoder",
-        choices=("hashed", "minilm", "minilm-head"),
-        default=d.encoder,
-        help="hashed: from scratch; minilm: fine-tune MiniLM; minilm-head: frozen MiniLM + trainable head",
+        "--preset",
+        choices=tuple(PRESETS),
+        help="named values: " + "; ".join(f"{k}: {v.why}" for k, v in PRESETS.items()),
     )
-    p.add_argument("--separate-towers", action="store_true", help="separate query and item encoders")
-    p.add_argument("--m", type=int, default=d.M, help="PQ subspaces (bytes per item at 8 bits)")
-    p.add_argument("--nlist", type=int, default=d.nlist)
-    p.add_argument("--nbits", type=int, choices=(4, 8), default=d.nbits)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--no-rotation", action="store_true", help="ablation: keep R = I")
-    p.add_argument("--no-warm-start", action="store_true", help="ablation: random codebooks")
-    p.add_argument("--item-embeddings", type=Path, help="jpq: (n, d) .npy of precomputed item embeddings")
-    p.add_argument("--item-ids", type=Path, help="jpq: JSON list of the doc id of each --item-embeddings row")
+    p.add_argument(
+        "--item-embeddings", type=Path, help="(n, d) .npy of the pretrained encoder over the corpus (a cache)"
+    )
+    p.add_argument("--item-ids", type=Path, help="JSON list of the doc id of each --item-embeddings row")
     p.add_argument("--max-docs", type=int, help="train on a corpus subset of this size (judged docs kept)")
-    p.add_argument("--max-seconds", type=float, help="stop training after this long")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--label-sample", type=int, help="train on a seeded sample of this many labelled queries")
     p.add_argument(
         "--publish",
         action="store_true",
         help="then point the artifact root's CURRENT file at it (a watching service reloads)",
     )
+    add_config_flags(p.add_argument_group("training config (defaults depend on the mode and encoder)"),
+                     [m.config for m in MODES.values()])  # fmt: skip
     p.set_defaults(func=_train)
 
     e = sub.add_parser(
@@ -74,45 +73,59 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import load_beir
+    from .auto import choose
+    from .config import given_values
+    from .data import load_beir, sample_labels
     from .evaluate import evaluate
-    from .train import TrainConfig, train_jpq, train_poeem, training_canaries, write_trained_artifact
+    from .modes import MODES, TrainInputs
+    from .queries import read_query_file
+    from .train import resolve_config, train, training_canaries, write_trained_artifact
 
-    data = load_beir(args.data)
+    data = load_beir(args.data, optional=True)
+    seed = args.seed if args.seed is not None else 0
     if args.max_docs:
-        data = data.subset(args.max_docs, seed=args.seed)
-    cfg = TrainConfig(
-        mode=args.mode,
-        encoder=args.encoder,
-        shared_towers=not args.separate_towers,
-        M=args.m,
-        nlist=args.nlist,
-        nbits=args.nbits,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        rotation=not args.no_rotation,
-        warm_start=not args.no_warm_start,
-        seed=args.seed,
-        device=args.device,
-        max_seconds=args.max_seconds,
-    )
-    if args.mode == "jpq":
-        result = train_jpq(data, cfg, item_embeddings=_item_embeddings(args, list(data.corpus)))
-    else:
-        result = train_poeem(data, cfg)
+        data = data.subset(args.max_docs, seed=seed)
+    if args.label_sample:
+        data = sample_labels(data, "train", args.label_sample, seed)
+    given = given_values(args, [m.config for m in MODES.values()])
+    mode, values = args.mode, {}
+    if mode == "auto":
+        from .encoders import minilm_available
+
+        choice = choose(data, minilm=minilm_available())
+        mode, values = choice.mode, {k: v for k, v in choice.values.items() if k not in given}
+        if given.get("encoder", "minilm-head") != "minilm-head":  # the distillation term needs the head's frozen base
+            values.pop("distill_weight", None)
+        print(f"auto: {choice.reason}")
+    cfg = resolve_config(mode, preset=args.preset, given=given, **values)
+    if args.queries and mode != "distill":
+        from .config import ConfigError
+
+        raise ConfigError(f"--queries is for --mode distill (label-free); --mode {mode} learns from qrels/train.tsv")
+    if mode != "distill" and "train" not in data.qrels:
+        from .data import DataError
+
+        raise DataError(f"{args.data}/qrels/train.tsv: --mode {mode} needs labelled queries (or use --mode distill)")
+    inputs = TrainInputs(item_embeddings=_item_embeddings(args, list(data.corpus)))
+    if args.queries:
+        inputs.queries, inputs.query_source = read_query_file(args.queries), f"file:{args.queries}"
+    result = train(data, cfg, inputs)
     from index import Index
 
     idx = Index.in_memory(result.index)
-    split = "test" if "test" in data.qrels else next(iter(data.qrels))
-    rows = evaluate(result.query_encoder, idx, data, split, nprobes=(min(16, cfg.nlist),))
-    canaries = training_canaries(result, data, split, seed=args.seed)
-    write_trained_artifact(args.out, result, cfg, str(args.data), metrics={split: rows}, canaries=canaries)
+    split = "test" if "test" in data.qrels else None
+    rows = evaluate(result.query_encoder, idx, data, split, nprobes=(min(16, cfg.nlist),)) if split else []
+    canaries = training_canaries(result, data, split, cfg)
+    write_trained_artifact(
+        args.out, result, cfg, str(args.data), metrics={split: rows} if split else {}, canaries=canaries,
+        preset=args.preset,
+    )  # fmt: skip
     if args.publish:
         from index.pointer import publish
 
         publish(args.out.parent, args.out.name)
-    print(json.dumps({"artifact": str(args.out), "steps": len(result.history), **result.timings, **rows[0]}))
+    summary = {"artifact": str(args.out), "mode": mode, "selected": result.selected, "steps": len(result.history)}
+    print(json.dumps(summary | result.timings | (rows[0] if rows else {})))
     return 0
 
 

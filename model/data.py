@@ -63,7 +63,7 @@ def _find(path: Path, stem: str) -> Path:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a BOM (Windows tools) is not text
             for n, line in enumerate(f, 1):
                 if line.strip():
                     yield n, line
@@ -125,14 +125,36 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> d
     return out
 
 
-def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> RetrievalData:
-    """Read a BEIR directory; `splits` names the qrels files to load (missing ones are an error)."""
+def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test"), optional: bool = False) -> RetrievalData:
+    """Read a BEIR directory; `splits` names the qrels files to load (missing ones are an error,
+    unless `optional`: then only the corpus must exist, as for label-free training)."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a directory")
     corpus = read_jsonl(_find(path, "corpus"), ("title", "text"))
-    queries = read_jsonl(_find(path, "queries"), ("text",))
+    try:
+        queries = read_jsonl(_find(path, "queries"), ("text",))
+    except DataError:
+        if not optional:
+            raise
+        queries = {}
     data = RetrievalData(path, corpus, queries)
     for split in splits:
-        data.qrels[split] = read_qrels(path / "qrels" / f"{split}.tsv", queries, corpus)
+        qrels = path / "qrels" / f"{split}.tsv"
+        if optional and not qrels.is_file():
+            continue
+        data.qrels[split] = read_qrels(qrels, queries, corpus)
     return data
+
+
+def sample_labels(data: RetrievalData, split: str, n: int, seed: int = 0) -> RetrievalData:
+    """`data` with only a seeded sample of `n` of `split`'s judged queries (the few-label regime,
+    e.g. 100 of SciFact's 809); other splits untouched."""
+    import random
+
+    if split not in data.qrels:
+        raise DataError(f"{data.path}: no qrels/{split}.tsv to sample labels from")
+    qids = sorted(data.qrels[split])
+    keep = set(random.Random(seed).sample(qids, min(n, len(qids))))
+    qrels = {**data.qrels, split: {q: docs for q, docs in data.qrels[split].items() if q in keep}}
+    return RetrievalData(data.path, data.corpus, data.queries, qrels)

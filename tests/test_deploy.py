@@ -177,7 +177,7 @@ def test_image_command_parses_with_the_real_parser(dockerfile):
     expected = "train" if "Dockerfile.train" in dockerfile.name else "serve"
     assert ns.command == expected, (dockerfile.name, jointpq_args)
     if expected == "train":
-        assert ns.mode == "poeem" and ns.encoder == "minilm-head" and ns.publish
+        assert ns.mode == "auto" and ns.preset == "trainer-image" and ns.publish  # numbers live in the preset
 
 
 def test_image_argv_reads_the_last_stage_and_exec_form(tmp_path):
@@ -223,5 +223,8 @@ def test_constraints_pin_what_the_images_install():
 def test_trainer_command_parses():
     script = (ROOT / "docker" / "train.sh").read_text()
     ns = parser().parse_args(script_jointpq_argv(script, ["--m", "48", "--epochs", "20"]))  # the documented use
-    assert ns.mode == "poeem" and ns.encoder == "minilm-head" and ns.publish
-    assert ns.m == 48 and ns.epochs == 20  # "$@" comes last, so the caller's flags win
+    assert ns.mode == "auto" and ns.preset == "trainer-image" and ns.publish
+    assert ns.M == 48 and ns.epochs == 20  # "$@" comes last, so the caller's flags win
+    from model.presets import PRESETS
+
+    assert PRESETS["trainer-image"].values == PRESETS["demo"].values  # the image trains what the demo trains

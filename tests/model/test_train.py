@@ -11,12 +11,14 @@ from index import exact_search, load_index
 from model.data import load_beir
 from model.encoders import load_encoder
 from model.evaluate import evaluate, metrics
-from model.train import TrainConfig, make_encoder, seed_everything, train_poeem, write_trained_artifact
+from model.modes import TrainInputs
+from model.train import make_encoder, resolve_config, seed_everything, train, write_trained_artifact
 from tests.conftest import shared
 
 pytestmark = pytest.mark.slow  # every test here trains (the module's `trained` fixture alone takes ~20 s)
 
-CFG = TrainConfig(M=16, nlist=16, epochs=3, warmup_steps=10, seed=0)  # fixed steps: deterministic
+# fixed steps, guard off (every epoch trains, the last ships): deterministic
+CFG = resolve_config("poeem", encoder="hashed", M=16, nlist=16, epochs=3, warmup_steps=10, seed=0, guard=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +28,13 @@ def scifact_small():
 
 @pytest.fixture(scope="module")
 def trained(scifact_small):
-    return train_poeem(scifact_small, CFG, progress=False)
+    return train(scifact_small, CFG, progress=False)
 
 
 def _recall100_at_init(data) -> float:
     """The same encoder before any step, with exact search: the best its initialisation can do."""
     seed_everything(CFG.seed)
-    enc = make_encoder(CFG)
+    enc = make_encoder(CFG.encoder, CFG.dim)
     doc_ids = list(data.corpus)
     d = enc.encode([data.corpus[i] for i in doc_ids])
     qids = [q for q in data.queries if q in data.qrels["test"]]
@@ -58,7 +60,10 @@ def test_short_training_lowers_the_loss_and_raises_recall(scifact_small, trained
 def test_artifact_serves_what_the_model_scores(tmp_path, scifact_small, trained):
     path = write_trained_artifact(tmp_path / "v1", trained, CFG, "scifact-subset")
     idx = load_index(path, device="cpu", backend="torch")
-    assert idx.manifest.training["mode"] == "poeem" and idx.manifest.training["config"]["M"] == 16
+    training = idx.manifest.training
+    assert training["mode"] == "poeem" and training["config"]["M"] == 16
+    assert training["config"] == CFG.to_dict()  # the whole resolved config, every field
+    assert training["selected"] == "trained" and training["validation"]["curve"] == []  # guard off
     assert idx.manifest.training["timings"]["index_seconds"] > 0
     encoder = load_encoder(path)
     queries = [scifact_small.queries[q] for q in list(scifact_small.qrels["test"])[:20]]
@@ -80,22 +85,24 @@ def test_jpq_training_improves_over_its_two_step_start(scifact_small, trained):
     LambdaRank-weighted pairwise loss must beat that start, on the queries it trains on and on the
     held-out test queries.
 
-    Deterministic: fixed epochs, no time limit, seeded, and independent of PYTHONHASHSEED (train_jpq
+    Deterministic: fixed epochs, no time limit, seeded, and independent of PYTHONHASHSEED (jpq
     sorts each query's positives before its seeded rng picks one; it used to iterate a set of rows
     built from a set of id strings, so "after" moved from process to process: 0.3919-0.3943).
     Measured here (seed 0, 2 threads), nDCG@10 at nprobe 16: train 0.868 -> 0.906, test 0.399 ->
     0.425; seeds 1 and 2 give test +0.027 and +0.023, and more epochs keep improving (0.439 at 5).
-    The codebook learning rate is JPQ's (1e-4, the TrainConfig default): at 1e-3, ten times the top
+    The codebook learning rate is JPQ's (1e-4, JpqConfig's default): at 1e-3, ten times the top
     of JPQ's range, a few dozen Adam steps drag codewords that thousands of items share, and test
     nDCG ends *below* the start (0.399 -> 0.394 after 3 epochs, 0.383 training the codebooks alone)."""
     from index import make_searcher
     from index.loader import Index
-    from model.train import train_jpq
 
-    cfg = TrainConfig(mode="jpq", M=8, nlist=16, epochs=0, seed=0, batch_size=32, lr=1e-4, codebook_lr=1e-4)
-    start = train_jpq(scifact_small, cfg, encoder=trained.item_encoder, progress=False)
-    cfg.epochs = 3
-    after = train_jpq(scifact_small, cfg, encoder=trained.item_encoder, progress=False)
+    values = {"M": 8, "nlist": 16, "seed": 0, "batch_size": 32, "lr": 1e-4, "codebook_lr": 1e-4, "guard": False}
+    start = train(
+        scifact_small, resolve_config("jpq", epochs=0, **values), TrainInputs(encoder=trained.item_encoder), False
+    )
+    after = train(
+        scifact_small, resolve_config("jpq", epochs=3, **values), TrainInputs(encoder=trained.item_encoder), False
+    )
     assert torch.equal(after.index.codes, start.index.codes)  # assignments never move in JPQ
     assert torch.equal(after.index.centroids, start.index.centroids)  # nor the coarse cells
     assert not torch.equal(after.index.codebooks, start.index.codebooks)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model.data import RetrievalData
-from model.train import TrainConfig, train_poeem
+from model.train import resolve_config, train
 
 
 def test_fewer_pairs_than_a_batch_is_refused_not_zero_steps():
@@ -16,4 +16,5 @@ def test_fewer_pairs_than_a_batch_is_refused_not_zero_steps():
     qrels = {"train": {f"q{i}": {f"d{i}": 1} for i in range(5)}}
     data = RetrievalData(Path("."), corpus, queries, qrels)
     with pytest.raises(ValueError, match=r"5 training pairs in 'train', fewer than batch_size=32: no training step"):
-        train_poeem(data, TrainConfig(M=4, nlist=4, epochs=1, batch_size=32, seed=0), progress=False)
+        cfg = resolve_config("poeem", encoder="hashed", M=4, nlist=4, epochs=1, batch_size=32, seed=0, guard=False)
+        train(data, cfg, progress=False)

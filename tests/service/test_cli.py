@@ -77,15 +77,22 @@ COMMANDS = sorted(_subparsers())
 NO_EXAMPLE = {"demo"}  # `jointpq demo` takes no required argument: the README's first command
 
 
-def help_example(command: str) -> list[str] | None:
-    """The example command line printed at the end of `jointpq COMMAND --help`, as argv (leading
-    VAR=value environment assignments included), or None when the help shows none."""
+def help_examples(command: str) -> list[list[str]]:
+    """Every example command line printed at the end of `jointpq COMMAND --help` (after
+    "example:" or "examples:"), as argv (leading VAR=value assignments included, # comments cut)."""
     text = _subparsers()[command].format_help()
-    if "example:" not in text:
-        return None
-    lines = [ln.strip() for ln in text.split("example:", 1)[1].splitlines() if ln.strip()]
-    assert lines, f"{command}: 'example:' with nothing after it"
-    return shlex.split(lines[0])
+    head = re.search(r"^examples?:$", text, re.MULTILINE)
+    if head is None:
+        return []
+    lines = [ln.strip() for ln in text[head.end() :].splitlines() if ln.strip()]
+    assert lines, f"{command}: '{head.group()}' with nothing after it"
+    return [shlex.split(ln, comments=True) for ln in lines]
+
+
+def help_example(command: str) -> list[str] | None:
+    """The first example of `jointpq COMMAND --help`, or None when the help shows none."""
+    examples = help_examples(command)
+    return examples[0] if examples else None
 
 
 def split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -110,12 +117,15 @@ def test_help_example_parses_with_the_real_parser(command):
     removed flag, a bad choice or a missing required argument fails here."""
     from service.settings import Settings
 
-    argv = help_example(command)
+    examples = help_examples(command)
     if command in NO_EXAMPLE:
-        assert argv is None, f"{command} now has an example: check it like the others"
-        argv = ["jointpq", command]
-    assert argv is not None, f"`jointpq {command} --help` shows no example"
-    env, argv = split_env(argv)
+        assert not examples, f"{command} now has an example: check it like the others"
+        examples = [["jointpq", command]]
+    assert examples, f"`jointpq {command} --help` shows no example"
+    for argv in examples[1:]:  # the others: complete, valid command lines too
+        assert argv[:2] == ["jointpq", command], argv
+        assert parser().parse_args(argv[1:]).command == command
+    env, argv = split_env(examples[0])
     assert argv[:2] == ["jointpq", command], argv
     assert set(env) <= {f"JOINTPQ_{f.upper()}" for f in Settings.model_fields}, env  # real settings only
     ns = parser().parse_args(argv[1:])  # argparse exits (a failure) on an unknown flag or bad value

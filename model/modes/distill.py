@@ -1,0 +1,237 @@
+"""`distill`: learn the index without labels, from the float model's own ranking (Distill-VQ,
+SIGIR 2022; LibVQ). Needs a corpus; queries come from a log, the data set, or the corpus itself
+(`model.queries`).
+
+Start: the two-step build (OPQ + IVF-PQ) over the frozen encoder's item embeddings. Learned:
+the PQ codebooks and coarse centroids (Adam), the rotation (Givens steps, `IndexingLayer`) and,
+unless `--no-query-tower`, a residual linear head on the frozen query encoder. Items keep the
+cells and codes of the start (Distill-VQ and LibVQ fix assignments: the codebooks learn score
+corrections for the codes they were trained with; `--reassign` re-encodes every epoch, measured
+in docs/benchmarks.md). Loss per batch (`model.distillation`): ListNet between the teacher's
+scores and the index's full (coarse + ADC) and coarse scores over the union of the batch's
+teacher top-K, plus `random_items` drawn from the whole corpus.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+
+from index import resolve_device
+from index.build import assemble, assign_cells, encode_pq
+
+from ..config import CommonConfig, ConfigError, option
+from ..data import RetrievalData
+from ..distillation import LOSSES, batch_candidates, distill_loss, teacher_top
+from ..encoders import HeadEncoder
+from ..guard import Guard, Validation, hold_aside, teacher_relevance
+from ..layer import IndexingLayer
+from ..queries import pseudo_queries, training_queries
+from .base import (
+    TrainInputs,
+    TrainResult,
+    base_embeddings,
+    make_encoder,
+    seed_everything,
+    student_scores,
+    two_step_start,
+)
+
+
+@dataclass
+class DistillConfig(CommonConfig):
+    mode = "distill"
+    encoders = ("minilm",)
+    by_encoder: ClassVar[dict[str, dict[str, Any]]] = {"minilm": {"lr": 1e-3}}
+
+    epochs: int = option(20, "upper bound; the guard keeps the best epoch (the curve flattens by 10-20)")
+    query_tower: bool = option(
+        True, "train a residual linear head on the frozen query encoder (--no-query-tower freezes it)"
+    )
+    min_queries: int = option(2000, "pseudo-queries top up real ones to this many: 47 real queries were too few")
+    top_k: int = option(200, "teacher candidates per query (Distill-VQ: the dense top-200)")
+    random_items: int = option(256, "items drawn from the whole corpus per batch: the tail must stay down too")
+    loss: str = option("listnet", "ListNet was the most robust of five losses in Distill-VQ", choices=LOSSES)
+    temperature: float = option(0.05, "softmax temperature on cosine scores (a similarity gap of 0.05 = e)")
+    coarse_weight: float = option(1.0, "weight of the coarse-score term: the probe must find the right cells")
+    codebook_lr: float = option(1e-3, "Adam on PQ codewords: 1e-4 moved too little in 20 short epochs")
+    centroid_lr: float = option(1e-3, "Adam on coarse centroids (LibVQ: 1e-3)")
+    rotation: bool = option(True, "learn the rotation by Givens steps (--no-rotation keeps OPQ's)")
+    rotation_lr: float = option(1e-3, "angle in radians of the steepest plane per step")
+    reassign: bool = option(False, "re-encode items with the trained codebooks every epoch (off: fixed codes)")
+
+    def encoder_refusal(self) -> str:
+        return "distill learns from a pretrained teacher; the hashed encoder is untrained"
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("top_k", "temperature", "codebook_lr", "centroid_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+
+
+class Student(torch.nn.Module):
+    """The index's scoring as a differentiable module: rotation (Givens, in `layer`), coarse
+    centroids and PQ codebooks (`layer`), fixed cells (n,) and codes (n, M) per corpus row, and
+    an optional residual head on the frozen query encoder's output."""
+
+    def __init__(self, layer: IndexingLayer, cells: torch.Tensor, codes: torch.Tensor, head: HeadEncoder | None):
+        super().__init__()
+        self.layer, self.head = layer, head
+        self.register_buffer("cells", cells)
+        self.register_buffer("codes", codes)
+
+    def scores(self, queries: torch.Tensor, rows: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) frozen query embeddings, (U,) corpus rows -> (full, coarse) scores (B, U), as the
+        search engine computes them: coarse <R q', C[cell]>, full = coarse + ADC of the codes."""
+        q = self.head(queries) if self.head is not None else queries
+        qr = q @ self.layer.rotation_leaf().T
+        coarse = self.layer.centroids[self.cells[rows]]  # (U, d)
+        ar = torch.arange(self.layer.M, device=rows.device)
+        recon = coarse + self.layer.codebooks[ar, self.codes[rows]].reshape(len(rows), -1)
+        return student_scores(qr, recon, metric), student_scores(qr, coarse, metric)
+
+    def reassign(self, items: torch.Tensor, metric: str) -> None:
+        """Re-encode every item with the current rotation, centroids and codebooks."""
+        with torch.no_grad():
+            xr = items @ self.layer.rotation.float().T
+            self.cells = assign_cells(xr, self.layer.centroids.detach(), metric)
+            self.codes = encode_pq(xr - self.layer.centroids.detach()[self.cells], self.layer.codebooks.detach()).long()
+
+
+def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress: bool = True) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.seed)
+    dev = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    base = inputs.encoder if inputs.encoder is not None else make_encoder("minilm")
+    if isinstance(base, HeadEncoder):
+        base = base.base
+    memo = inputs.memo if inputs.memo is not None else {}  # shared: the caller keeps what was encoded
+    doc_ids = list(data.corpus)
+    if inputs.item_embeddings is not None:
+        xb = inputs.item_embeddings.float()
+    else:
+        xb = base.encode([data.corpus[d] for d in doc_ids], progress=progress, desc="teacher: encode items")
+    texts, source = (inputs.queries, inputs.query_source or "given") if inputs.queries is not None else (None, None)
+    if texts is None:
+        texts, source = training_queries(data, None, cfg.min_queries, cfg.seed)
+    texts = list(dict.fromkeys(texts))
+    if len(texts) < cfg.min_queries:  # top up with pseudo-queries: few real ones teach little
+        have = set(texts)
+        extra = [t for t in pseudo_queries(data.corpus, cfg.min_queries, cfg.seed) if t not in have]
+        n_real = len(texts)
+        texts = texts + extra[: cfg.min_queries - n_real]
+        source = f"{source} + {len(texts) - n_real} pseudo-queries"
+    train_texts, val_texts = hold_aside(texts, cfg.val_fraction, cfg.val_min, cfg.val_max, cfg.seed)
+    if not cfg.guard:
+        train_texts, val_texts = texts, []
+    qt = base_embeddings(base, memo, train_texts)  # (Nq, d) teacher queries
+    qv = base_embeddings(base, memo, val_texts)
+    encode_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    start = two_step_start(xb, doc_ids, cfg, inputs.start)
+    build_seconds = time.perf_counter() - t1
+    # corpus order -> index row: cells and codes kept per corpus row
+    row_of = {d: r for r, d in enumerate(start.ids)}
+    perm = torch.tensor([row_of[d] for d in doc_ids])
+    cells = start.cells()[perm].to(dev)
+    codes = start.unpacked_codes()[perm].long().to(dev)
+    layer = IndexingLayer(start.d, cfg.nlist, cfg.M, cfg.nbits, cfg.metric, rotation=cfg.rotation).to(dev)
+    with torch.no_grad():
+        layer.rotation.copy_(start.rotation.double())
+        layer.centroids.copy_(start.centroids)
+        layer.codebooks.copy_(start.codebooks)
+        layer.initialized.fill_(True)
+    head = HeadEncoder(base, memo).to(dev) if cfg.query_tower else None
+    groups = [
+        {"params": [layer.codebooks], "lr": cfg.codebook_lr},
+        {"params": [layer.centroids], "lr": cfg.centroid_lr},
+    ]
+    if head is not None:
+        groups.append({"params": list(head.head.parameters()), "lr": cfg.lr})
+    opt = torch.optim.Adam(groups)
+
+    top = teacher_top(qt, xb, cfg.top_k)  # (Nq, K)
+    xb_dev, qt_dev = xb.to(dev), qt.to(dev)
+    student = Student(layer, cells, codes, head)
+
+    def query_encoder():
+        return copy.deepcopy(head).eval() if head is not None else base
+
+    def snapshot():
+        R = layer.rotation.float().detach().cpu()
+        idx = assemble(
+            cfg.metric, R, layer.centroids.detach().cpu(), layer.codebooks.detach().cpu(), student.cells.cpu(),
+            student.codes.to(torch.uint8).cpu(), doc_ids, cfg.nbits,
+        )  # fmt: skip
+        return query_encoder(), idx
+
+    validation = None
+    guard: Guard = Guard(None, cfg.patience)
+    teacher_val = None
+    if val_texts:
+        teacher_val = teacher_relevance(teacher_top(qv, xb, 10).numpy(), doc_ids)
+        validation = Validation(val_texts, teacher_val, "recall@10", cfg.val_nprobe)
+        guard = Guard(validation, cfg.patience)
+        guard.start(validation.score(base, start), (base, start))
+        if progress:
+            print(f"distill: two-step start overlap@10 {guard.best_score:.4f} on {len(val_texts)} held-aside queries")
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    history: list[dict[str, float]] = []
+    t2 = time.perf_counter()
+    order = list(range(len(train_texts)))
+    stop = False
+    for epoch in range(1, cfg.epochs + 1):
+        rng.shuffle(order)
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch}", disable=not progress)
+        layer.train()
+        for s in bar:
+            batch = torch.tensor(order[s : s + cfg.batch_size])
+            cand = batch_candidates(top, batch, len(doc_ids), cfg.random_items, gen).to(dev)
+            qb = qt_dev[batch.to(dev)]
+            with torch.no_grad():
+                teacher = qb @ xb_dev[cand].T  # (B, U)
+            full, coarse = student.scores(qb, cand, cfg.metric)
+            loss_full = distill_loss(cfg.loss, teacher, full, cfg.temperature)
+            loss_coarse = distill_loss(cfg.loss, teacher, coarse, cfg.temperature)
+            loss = loss_full + cfg.coarse_weight * loss_coarse
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            layer.rotation_step(cfg.rotation_lr)
+            history.append(
+                {"step": len(history), "loss": loss.item(), "full": loss_full.item(), "coarse": loss_coarse.item()}
+            )
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if cfg.max_seconds and time.perf_counter() - t2 > cfg.max_seconds:
+                stop = True
+                break
+        if cfg.reassign:
+            student.reassign(xb_dev, cfg.metric)
+        if validation is not None:
+            qe, idx = snapshot()
+            score = validation.score(qe, idx)
+            if progress:
+                print(f"distill: epoch {epoch} overlap@10 {score:.4f}")
+            if guard.offer(epoch, score, lambda qe=qe, idx=idx: (qe, idx)):
+                break
+        if stop:
+            break
+    train_seconds = time.perf_counter() - t2
+    query_enc, index = guard.best if validation is not None else snapshot()
+    if progress:
+        print(guard.message("distill"))
+    record = guard.record() | {"query_source": source, "train_queries": len(train_texts)}
+    canary = {"texts": val_texts[:32], "expected": [sorted(r) for r in (teacher_val or [])[:32]]} if val_texts else None
+    timings = {"train_seconds": train_seconds, "encode_items_seconds": encode_seconds, "index_seconds": build_seconds}
+    return TrainResult(query_enc, base, replace(index), history, timings, record, canary)
