@@ -62,9 +62,10 @@ def sentences(text: str, min_words: int = 5, max_words: int = 48) -> list[str]:
     return out
 
 
-def pseudo_queries(corpus: dict[str, str], n: int, seed: int = 0) -> list[str]:
-    """`n` distinct pseudo-queries: a random sentence of a random document each (documents
-    without a query-sized sentence give their first 32 words). Seeded; no model needed."""
+def pseudo_queries(corpus: dict[str, str], n: int, seed: int = 0, max_words: int = 48) -> list[str]:
+    """`n` distinct pseudo-queries: a random sentence of a random document each, cut to a random
+    window of `max_words` words when longer (documents without a query-sized sentence give their
+    first 32 words). Seeded; no model needed."""
     rng = random.Random(seed)
     docs = [t for t in corpus.values() if t.strip()]
     if not docs:
@@ -76,6 +77,10 @@ def pseudo_queries(corpus: dict[str, str], n: int, seed: int = 0) -> list[str]:
         text = docs[rng.randrange(len(docs))]
         options = sentences(text) or [" ".join(text.split()[:32])]
         choice = options[rng.randrange(len(options))]
+        words = choice.split()
+        if len(words) > max_words:
+            start = rng.randrange(len(words) - max_words + 1)
+            choice = " ".join(words[start : start + max_words])
         if choice:
             out.setdefault(choice, None)
     return list(out)

@@ -115,3 +115,27 @@ def test_jpq_training_improves_over_its_two_step_start(scifact_small, trained):
     before_test, after_test = ndcg(start, "test"), ndcg(after, "test")
     assert after_train > before_train + 0.015, (before_train, after_train)  # it learns what it is taught
     assert after_test > before_test + 0.01, (before_test, after_test)  # and it carries over to new queries
+
+
+def test_distill_weight_zero_reproduces_the_labelled_results_of_before(scifact_small, trained):
+    """`--distill-weight 0 --no-guard` is the labelled training of before the distillation term
+    and the guard: figures recorded by running the previous code (commit c2aca4d, its
+    `train_poeem` / `train_jpq`) on this very subset and config, on this machine's CPU."""
+    from index import make_searcher
+    from index.loader import Index
+
+    def ndcg(res):
+        idx = Index(None, None, res.index, make_searcher(res.index, "cpu", "torch"))
+        return evaluate(res.query_encoder, idx, scifact_small, "test", nprobes=(16,))[0]["ndcg@10"]
+
+    assert CFG.distill_weight == 0 and not CFG.guard
+    losses = [h["loss"] for h in trained.history]
+    assert len(losses) == 42
+    np.testing.assert_allclose(losses[:3], [4.850842, 4.842133, 4.735233], rtol=1e-4)
+    assert abs(losses[-1] - 1.289272) < 2e-3 and abs(ndcg(trained) - 0.345298) < 2e-3
+    cfg = resolve_config("jpq", M=8, nlist=16, epochs=2, seed=0, batch_size=32, lr=1e-4, codebook_lr=1e-4, guard=False)
+    jpq = train(scifact_small, cfg, TrainInputs(encoder=trained.item_encoder), progress=False)
+    losses = [h["loss"] for h in jpq.history]
+    assert len(losses) == 52
+    np.testing.assert_allclose(losses[:3], [16.526648, 15.026606, 14.042963], rtol=1e-4)
+    assert abs(losses[-1] - 15.446064) < 2e-3 and abs(ndcg(jpq) - 0.420117) < 2e-3
