@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch and Faiss (OpenMP) threads")
     p.add_argument("--preset", default="scifact", help="the training preset every row starts from")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--summarize", nargs="+", type=Path, help="only the tables and targets of earlier --json runs")
     args = parse_args(
         p,
         tiny={
@@ -92,6 +94,15 @@ def main() -> None:
             "queries": 96, "docs": 800, "train_seconds": 1.0, "synthetic": 0, "threads": 1, "preset": "smoke",
         },
     )  # fmt: skip
+    if args.summarize:  # e.g. one --json run per M in parallel processes, then one table
+        rows = [json.loads(ln) for f in args.summarize for ln in f.read_text().splitlines() if ln.startswith("{")]
+        measured = [r for r in rows if "ndcg@10" in r and r.get("nprobe") is not None]
+        args.m = sorted({r["M"] for r in measured})
+        args.seeds = sorted({r["seed"] for r in measured})
+        args.nprobe = sorted({r["nprobe"] for r in measured})
+        args.json = False
+        summarize(rows, args, Report(False, line))
+        return
     scifact = require_shared("scifact")  # before any work: fail fast
     import faiss
 

@@ -78,7 +78,7 @@ def pseudo_queries(corpus: dict[str, str], n: int, seed: int = 0, max_words: int
         options = sentences(text) or [" ".join(text.split()[:32])]
         choice = options[rng.randrange(len(options))]
         words = choice.split()
-        if len(words) > max_words:
+        if len(_WORD.findall(choice)) > max_words and len(words) > max_words:  # sentences() counts \w+ words
             start = rng.randrange(len(words) - max_words + 1)
             choice = " ".join(words[start : start + max_words])
         if choice:
