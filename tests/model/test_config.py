@@ -99,7 +99,7 @@ def test_explicit_value_beats_the_by_encoder_default():
 
 
 def test_mode_defaults_differ_where_declared():
-    assert resolve_config("distill").epochs == 20
+    assert resolve_config("distill").epochs == 30 and resolve_config("distill").patience == 8
     assert resolve_config("jpq").epochs == 3 and resolve_config("jpq").batch_size == 32
     assert resolve_config("poeem").epochs == 10 and resolve_config("poeem").batch_size == 64
 

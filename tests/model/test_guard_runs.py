@@ -36,8 +36,10 @@ def few_labels():
 @pytest.mark.parametrize("mode", ["poeem", "jpq"])
 def test_an_overfitting_run_ships_no_worse_than_its_two_step_start(few_labels, mode, capsys, tmp_path):
     data, memo = few_labels
-    wild = {"poeem": {"lr": 1.0, "epochs": 8, "batch_size": 8, "warmup_steps": 2},
-            "jpq": {"encoder": "minilm-head", "lr": 1.0, "codebook_lr": 0.1, "epochs": 6, "batch_size": 8}}[mode]  # fmt: skip
+    wild = {
+        "poeem": {"lr": 1.0, "epochs": 8, "batch_size": 8, "warmup_steps": 2},
+        "jpq": {"encoder": "minilm-head", "lr": 1.0, "codebook_lr": 0.1, "epochs": 6, "batch_size": 8},
+    }[mode]
     cfg = resolve_config(mode, M=8, nlist=16, seed=0, val_min=10, patience=8, **wild)
     res = train(data, cfg, TrainInputs(memo=memo), progress=True)
     curve = res.validation["curve"]
