@@ -180,10 +180,15 @@ def main() -> None:
             for regime in args.labels:  # auto: the row of the mode it picks, same config and seed
                 rdata = data if not regime else sample_labels(data, "train", regime, seed)
                 choice = choose(rdata)
-                label = row_label(choice.mode, choice.values.get("distill_weight", 0), regime, len(data.qrels["train"]))
+                if choice.mode == "distill":  # the data set's query texts (its train split's), labels unused
+                    label = "distill (train query texts)"
+                else:
+                    label = row_label(
+                        choice.mode, choice.values.get("distill_weight", 0), regime, len(data.qrels["train"])
+                    )
                 emit({"event": "auto", "labels": regime or "all", "M": M, "seed": seed, "picks": label,
                       "reason": choice.reason})  # fmt: skip
-                picked = auto_rows.get((M, seed, regime), {})
+                picked = auto_rows.get((M, seed, 0), {}) | auto_rows.get((M, seed, regime), {})  # distill: regime 0
                 for r in evaluate_rows(picked, label):
                     emit({**r, "engine": f"auto [{regime or 'all'}]", "M": M, "seed": seed})
 

@@ -49,8 +49,10 @@ def teacher() -> HashedNgramEncoder:
 
 def _cfg(**over) -> DistillConfig:
     """Built directly: the hashed teacher is a test device, which resolve_config would refuse."""
-    values = {"M": 8, "nlist": 16, "epochs": 6, "min_queries": 400, "top_k": 50, "random_items": 64,
-              "val_min": 60, "patience": 6, "batch_size": 32, "lr": 1e-3, "seed": 0, "query_tower": True} | over  # fmt: skip
+    values = {
+        "M": 8, "nlist": 16, "epochs": 6, "min_queries": 400, "top_k": 50, "random_items": 64, "val_min": 60,
+        "patience": 6, "batch_size": 32, "lr": 1e-3, "seed": 0, "query_tower": True,
+    } | over  # fmt: skip
     return DistillConfig(**values)
 
 
