@@ -14,8 +14,22 @@ import torch
 from index import build_ivfpq
 from index.ivfpq import IVFPQ
 
-from ..config import CommonConfig, ConfigError
+from ..config import CommonConfig, ConfigError, option
 from ..encoders import HashedNgramEncoder, HeadEncoder, MiniLMEncoder, TextEncoder
+
+
+@dataclass
+class SupervisedConfig(CommonConfig):
+    """The labelled modes' shared fields: the optional distillation term (`DistillTerm`)."""
+
+    distill_weight: float = option(0.0, "weight of the ListNet term against the frozen base model (0: labels only)")
+    distill_top_k: int = option(50, "teacher candidates per query for the distillation term")
+    distill_temperature: float = option(0.05, "softmax temperature of the distillation term")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.distill_weight < 0 or self.distill_top_k < 1 or self.distill_temperature <= 0:
+            raise ConfigError("--distill-weight must be >= 0, --distill-top-k >= 1, --distill-temperature > 0")
 
 
 @dataclass

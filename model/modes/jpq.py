@@ -18,12 +18,13 @@ import torch
 from index import TorchSearcher, resolve_device
 from index.ivfpq import IVFPQ
 
-from ..config import CommonConfig, ConfigError, option
+from ..config import option
 from ..data import RetrievalData
 from ..guard import Guard
 from ..losses import lambda_pairwise
 from .base import (
     DistillTerm,
+    SupervisedConfig,
     TrainInputs,
     TrainResult,
     base_embeddings,
@@ -35,7 +36,7 @@ from .base import (
 
 
 @dataclass
-class JpqConfig(CommonConfig):
+class JpqConfig(SupervisedConfig):
     mode = "jpq"
     encoders = ("minilm", "minilm-head")
     by_encoder: ClassVar[dict[str, dict[str, Any]]] = {"minilm": {"lr": 5e-6}, "minilm-head": {"lr": 1e-3}}
@@ -47,19 +48,12 @@ class JpqConfig(CommonConfig):
     )
     negatives: int = option(32, "hard negatives per query from the current index's top `hard_pool`")
     hard_pool: int = option(50, "mine among the top-`hard_pool` of the current index (JPQ: 200)")
-    distill_weight: float = option(0.0, "weight of the ListNet term against the frozen encoder (few labels: ~1)")
-    distill_top_k: int = option(100, "teacher candidates per query for the distillation term")
-    distill_temperature: float = option(0.05, "softmax temperature of the distillation term")
+    distill_top_k: int = option(100, "teacher candidates per query for the distillation term (cheap here)")
 
     def encoder_refusal(self) -> str:
         return (
             "jpq keeps a pretrained encoder's item embeddings fixed; the hashed encoder is untrained (use --mode poeem)"
         )
-
-    def validate(self) -> None:
-        super().validate()
-        if self.distill_weight < 0:
-            raise ConfigError("--distill-weight must be >= 0")
 
 
 def train(data: RetrievalData, cfg: JpqConfig, inputs: TrainInputs, progress: bool = True) -> TrainResult:

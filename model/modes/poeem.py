@@ -21,7 +21,7 @@ import torch
 from index import TorchSearcher, exact_search, resolve_device
 from index.ivfpq import IVFPQ
 
-from ..config import CommonConfig, ConfigError, option
+from ..config import ConfigError, option
 from ..data import RetrievalData
 from ..encoders import HeadEncoder, TextEncoder
 from ..guard import Guard
@@ -29,6 +29,7 @@ from ..layer import IndexingLayer
 from ..losses import contrastive
 from .base import (
     DistillTerm,
+    SupervisedConfig,
     TrainInputs,
     TrainResult,
     base_embeddings,
@@ -40,7 +41,7 @@ from .base import (
 
 
 @dataclass
-class PoeemConfig(CommonConfig):
+class PoeemConfig(SupervisedConfig):
     mode = "poeem"
     encoders = ("minilm-head", "hashed", "minilm")
     by_encoder: ClassVar[dict[str, dict[str, Any]]] = {
@@ -67,17 +68,12 @@ class PoeemConfig(CommonConfig):
     temperature: float = option(0.05, "in-batch softmax temperature on cosine scores")
     hard_negatives: int = option(1, "per query, mined from the current index each epoch")
     hard_pool: int = option(50, "mine among the top-`hard_pool` retrieved, positives excluded")
-    distill_weight: float = option(0.0, "weight of the ListNet term against the frozen base model (few labels: ~1)")
-    distill_top_k: int = option(50, "teacher candidates per query for the distillation term")
-    distill_temperature: float = option(0.05, "softmax temperature of the distillation term")
 
     def encoder_refusal(self) -> str:
         return "unknown encoder"
 
     def validate(self) -> None:
         super().validate()
-        if self.distill_weight < 0:
-            raise ConfigError("--distill-weight must be >= 0")
         if self.distill_weight > 0 and self.encoder != "minilm-head":
             raise ConfigError(
                 "--distill-weight needs --encoder minilm-head in poeem (a frozen pretrained teacher);"
