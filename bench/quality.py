@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -225,6 +226,21 @@ def main() -> None:
                 emit({"event": "target", "indexing": r["data"], "M": r["M"], "ok": r["speedup"] >= 10})
 
 
+def labels_of(engine: str) -> int | None:
+    """The labelled-query count in a row's name ("jpq [100 labels]" -> 100), None for others."""
+    m = re.search(r"\[(\d+) labels\]", engine)
+    return int(m.group(1)) if m else None
+
+
+def same_regime(engine: str, regime: str, most: int) -> bool:
+    """Rows an `auto [regime]` row competes with: the label-free ones and those trained on as many
+    labels ("all": the largest count, every labelled training query)."""
+    if engine.startswith("distill"):
+        return True
+    n = labels_of(engine)
+    return n is not None and n == (most if regime == "all" else int(regime))
+
+
 def row_label(mode: str, distill_weight: float, regime: int, n_all: int) -> str:
     what = f"{mode} + distill" if distill_weight else mode
     return f"{what} [{regime or n_all} labels]"
@@ -323,7 +339,9 @@ def summarize(rows: list[dict], args: argparse.Namespace, emit) -> None:
                 emit(row)
             for e in [k[0] for k in mean if k[0].startswith("auto [") and k[1:] == (M, n)]:
                 a = mean[(e, M, n)]
-                peers = [v for k, v in mean.items() if k[1:] == (M, n) and k[0] != e and not k[0].startswith("exact")]
+                regime = e[len("auto [") : -1]  # "all" or a number of labelled queries
+                most = max((labels_of(k[0]) or 0) for k in mean)
+                peers = [v for k, v in mean.items() if k[1:] == (M, n) and same_regime(k[0], regime, most)]
                 best = max(peers, key=lambda v: v["ndcg@10"])
                 emit({"event": "target", "engine": e, "M": M, "nprobe": n,
                       "ndcg_ge_faiss": a["ndcg@10"] >= faiss_m["ndcg@10"],

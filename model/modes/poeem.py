@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +63,9 @@ class PoeemConfig(SupervisedConfig):
     quantize: bool = option(True, "--no-quantize: the two-step ablation (train unquantized, OPQ + IVF-PQ after)")
     rotation: bool = option(True, "learn R by Givens steps (ablation: --no-rotation)")
     rotation_lr: float = option(1e-3, "angle in radians of the steepest plane per step")
+    refit: bool = option(
+        True, "once the guard picks epoch e, retrain on every labelled query (held-aside too) for e epochs"
+    )
     commitment: float = option(0.25, "beta of the distortion loss: the encoder commits to the codebooks (VQ-VAE)")
     distortion_weight: float = option(1.0, "weight of the distortion loss beside the retrieval loss")
     temperature: float = option(0.05, "in-batch softmax temperature on cosine scores")
@@ -220,6 +223,15 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
         query_out, final = guard.best
     if progress:
         print(guard.message("poeem"))
+    if validation is not None and cfg.refit and guard.selected == "trained" and inputs.encoder is None:
+        # the guard measured that e epochs beat the start; the held-aside labels now train too
+        refit_cfg = replace(cfg, guard=False, refit=False, epochs=guard.best_epoch)
+        if progress:
+            print(f"poeem: refit on all {len(positives)} labelled queries for {guard.best_epoch} epochs")
+        final_res = train(data, refit_cfg, inputs, progress)
+        final_res.validation = guard.record() | {"refit_epochs": guard.best_epoch}
+        final_res.timings["train_seconds"] += train_seconds
+        return final_res
     timings = {
         "train_seconds": train_seconds,
         "start_seconds": start_seconds,

@@ -53,6 +53,9 @@ def test_an_overfitting_run_ships_no_worse_than_its_two_step_start(few_labels, m
         assert "no epoch beat the two-step start" in out and "shipping the two-step index" in out
     else:
         assert f"shipping epoch {res.validation['selected_epoch']}" in out
+        if mode == "poeem":  # then retrained on every labelled query for that many epochs
+            assert res.validation["refit_epochs"] == res.validation["selected_epoch"]
+            assert "refit on all 40 labelled queries" in out
     assert any(c["score"] < start for c in curve[1:]), curve  # the run did go wrong somewhere
     path = write_trained_artifact(tmp_path / "a", res, cfg, "scifact-few")
     manifest = json.loads((path / "manifest.json").read_text())
