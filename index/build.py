@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .encode import assign_cells, encode_pq
 from .ivfpq import IVFPQ, METRICS, NBITS, pack_codes
 from .kmeans import assign, kmeans
 
-_ENCODE_CHUNK = 1 << 16
+__all__ = ["assemble", "assign_cells", "build_ivfpq", "encode_pq", "train_opq"]  # encode_*: index.encode
 
 
 def train_opq(
@@ -53,35 +54,6 @@ def train_opq(
     return R
 
 
-def encode_pq(residuals: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """(n, d) residuals, (M, K, dsub) codebooks -> (n, M) uint8 nearest codeword per subspace.
-
-    With short sub-vectors (dsub <= 8, e.g. 384-d at M=48) the GEMM formulation is memory-bound
-    (K scores per subspace written, then argmax-ed: 12k floats per item); on the CPU Faiss's
-    fused SIMD encoder is then ~3x faster and gives the same codes, so it is used when installed."""
-    M, K, ds = codebooks.shape
-    if ds <= 8 and K == 256 and residuals.device.type == "cpu" and residuals.shape[0] >= 4096:
-        from . import faiss_interop
-
-        if faiss_interop.available():
-            import faiss
-
-            pq = faiss.ProductQuantizer(M * ds, M, 8)
-            faiss.copy_array_to_vector(codebooks.detach().float().contiguous().numpy().ravel(), pq.centroids)
-            x = residuals.detach().float().contiguous().numpy()
-            return torch.from_numpy(pq.compute_codes(x)).reshape(-1, M)
-    out = torch.empty(residuals.shape[0], M, dtype=torch.uint8, device=residuals.device)
-    for s in range(0, residuals.shape[0], _ENCODE_CHUNK):
-        sub = residuals[s : s + _ENCODE_CHUNK].reshape(-1, M, ds).transpose(0, 1)
-        out[s : s + _ENCODE_CHUNK] = assign(sub, codebooks).T.to(torch.uint8)
-    return out
-
-
-def assign_cells(xr: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """(n, d) rotated vectors -> (n,) coarse cell: nearest (l2) or max inner product (ip)."""
-    return assign(xr[None], centroids[None], "ip" if metric == "ip" else "l2")[0]
-
-
 def assemble(metric: str, rotation, centroids, codebooks, cells, codes, ids, nbits: int) -> IVFPQ:
     """Sort encoded items by cell into the CSR layout and wrap them as an `IVFPQ`."""
     order = torch.argsort(cells, stable=True)
@@ -90,11 +62,13 @@ def assemble(metric: str, rotation, centroids, codebooks, cells, codes, ids, nbi
     offsets[1:] = torch.cumsum(torch.bincount(cells.cpu(), minlength=nlist), 0)
     ids_arr = np.empty(len(ids), dtype=object)
     ids_arr[:] = [str(i) for i in ids]
+    # copies, never views: a trainer passes its live parameters, and a kept snapshot must not
+    # change when training goes on
     index = IVFPQ(
         metric=metric,
-        rotation=rotation.float().cpu().contiguous(),
-        centroids=centroids.float().cpu().contiguous(),
-        codebooks=codebooks.float().cpu().contiguous(),
+        rotation=rotation.detach().float().cpu().clone().contiguous(),
+        centroids=centroids.detach().float().cpu().clone().contiguous(),
+        codebooks=codebooks.detach().float().cpu().clone().contiguous(),
         codes=pack_codes(codes[order].cpu(), nbits),
         offsets=offsets,
         ids=ids_arr[order.cpu().numpy()],
@@ -143,5 +117,5 @@ def build_ivfpq(
     res = xr - C[cells]
     sub = res.view(n, M, d // M).transpose(0, 1)  # (M, n, dsub)
     P = kmeans(sub, K, niter=niter or 25, seed=seed + 1)
-    codes = encode_pq(res, P)
+    codes = encode_pq(res, P)  # what Quantizer(metric, R, C, P).encode(x) gives: index.encode
     return assemble(metric, R, C, P, cells, codes, ids if ids is not None else [str(i) for i in range(n)], nbits)

@@ -121,9 +121,9 @@ class IVFPQ:
 
     def decode_rotated(self, codes: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """(r, M) unpacked codes and (r,) cells -> (r, d) x_hat' in the rotated space."""
-        parts = self.codebooks[torch.arange(self.M), codes.long()]  # (r, M, dsub)
-        # Poeem: x_hat' = C[cell] + concat_m P[m, code_m]
-        return self.centroids[cells] + parts.reshape(codes.shape[0], self.d)
+        from .encode import decode_rotated
+
+        return decode_rotated(self.centroids, self.codebooks, cells, codes)
 
 
 def code_size(M: int, nbits: int) -> int:

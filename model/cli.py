@@ -11,6 +11,11 @@ TRAIN_EXAMPLE = """examples:
   jointpq train --mode distill --data ../shared/data/scifact --out artifacts/scifact-distill --m 8 --queries queries.txt
   jointpq train --mode poeem --data ../shared/data/scifact --out artifacts/scifact-poeem --distill-weight 1
 """
+INDEX_EXAMPLE = """examples:
+  jointpq index --artifact artifacts/shop-v3 --corpus catalog.jsonl.gz --out artifacts/shop-v3-i1 --publish
+  jointpq index --artifact artifacts/shop-v3 --corpus new-items.jsonl --mode add --out artifacts/shop-v3-i2
+  jointpq index --artifact artifacts/shop-v3 --vectors items.npy --ids item_ids.json --out artifacts/shop-v3-i3
+"""
 EVAL_EXAMPLE = """example:
   jointpq eval --artifact artifacts/scifact-auto --data ../shared/data/scifact --split test --json
 """
@@ -53,6 +58,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p.add_argument_group("training config (defaults depend on the mode and encoder)"),
                      [m.config for m in MODES.values()])  # fmt: skip
     p.set_defaults(func=_train)
+
+    i = sub.add_parser(
+        "index",
+        help="index a changed catalog with a trained artifact's frozen model (one forward pass, no retraining)",
+        description="Encodes the items with the artifact's item tower (or takes vectors), assigns cells and codes"
+        " with its learned rotation, centroids and codebooks, and writes a new version with the same model."
+        " The manifest records the parent, the counts and a drift report (distortion and cell balance of the new"
+        " items against the trained ones: when it says retrain_advised, retrain).",
+        epilog=INDEX_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    i.add_argument("--artifact", required=True, type=Path, help="the trained artifact whose model indexes the items")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", type=Path, help="items.jsonl[.gz]: {'_id' (or 'id'), 'title'?, 'text'} per line")
+    src.add_argument("--vectors", type=Path, help="(n, d) float .npy of item embeddings (with --ids)")
+    i.add_argument("--ids", type=Path, help="JSON list of the n item ids of --vectors")
+    i.add_argument("--out", required=True, type=Path, help="the new artifact version to write")
+    i.add_argument(
+        "--mode", choices=("replace", "add"), default="replace",
+        help="replace: exactly these items; add: the parent's items plus these (a present id is replaced)",
+    )  # fmt: skip
+    i.add_argument("--publish", action="store_true", help="then point the artifact root's CURRENT at it")
+    i.add_argument("--batch-size", type=int, default=64, help="encoder batch (texts)")
+    i.add_argument("--device", default="auto", help="auto | cpu | cuda: where the item tower runs")
+    i.set_defaults(func=_index)
 
     e = sub.add_parser(
         "eval",
@@ -126,6 +156,26 @@ def _train(args: argparse.Namespace) -> int:
         publish(args.out.parent, args.out.name)
     summary = {"artifact": str(args.out), "mode": mode, "selected": result.selected, "steps": len(result.history)}
     print(json.dumps(summary | result.timings | (rows[0] if rows else {})))
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from .indexing import index_catalog
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    out, record = index_catalog(
+        args.artifact, args.out, corpus=args.corpus, vectors=args.vectors, ids=args.ids, mode=args.mode,
+        batch_size=args.batch_size, device=args.device,
+    )  # fmt: skip
+    if args.publish:
+        from index import load_index
+        from index.pointer import publish
+
+        load_index(out, device="cpu")  # prove it loads before any service is pointed at it
+        publish(out.parent, out.name)
+        record["published"] = True
+    print(json.dumps({"artifact": str(out)} | record))
     return 0
 
 

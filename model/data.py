@@ -71,9 +71,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path.name}: unreadable ({e})") from None
 
 
-def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
-    """id -> the `text_fields` joined by a space (missing optional fields skipped)."""
-    out: dict[str, str] = {}
+def iter_jsonl(
+    path: Path, text_fields: tuple[str, ...], id_keys: tuple[str, ...] = ("_id",)
+) -> Iterator[tuple[str, str, str]]:
+    """(where, id, the `text_fields` joined by a space) per line, streamed (a 1M-item catalog is
+    never held whole); the id is the first of `id_keys` present."""
     for n, line in _lines(path):
         where = f"{path.name}:{n}"
         try:
@@ -82,21 +84,29 @@ def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object")
-        _id = obj.get("_id")
+        key = next((k for k in id_keys if k in obj), id_keys[0])
+        _id = obj.get(key)
         if not isinstance(_id, str) or not _id:
-            raise DataError(f"{where}: '_id' must be a non-empty string, got {_id!r}")
+            raise DataError(f"{where}: {key!r} must be a non-empty string, got {_id!r}")
         if not isinstance(obj.get("text"), str):
             raise DataError(f"{where}: 'text' must be a string, got {obj.get('text')!r}")
         parts = []
-        for key in text_fields:
-            value = obj.get(key)
+        for field_name in text_fields:
+            value = obj.get(field_name)
             if value is not None and not isinstance(value, str):
-                raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+                raise DataError(f"{where}: {field_name!r} must be a string, got {type(value).__name__}")
             if value:
                 parts.append(value)
+        yield where, _id, " ".join(parts)
+
+
+def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> dict[str, str]:
+    """id -> the `text_fields` joined by a space (missing optional fields skipped)."""
+    out: dict[str, str] = {}
+    for where, _id, text in iter_jsonl(path, text_fields):
         if _id in out:
             raise DataError(f"{where}: duplicate _id {_id!r}")
-        out[_id] = " ".join(parts)
+        out[_id] = text
     return out
 
 

@@ -234,20 +234,21 @@ def encoder_from_config(config: dict[str, Any], model_dir: str | Path | None = N
 ENCODER_DIR = "encoder"
 
 
-def encoder_files(encoder: TextEncoder) -> dict[str, bytes]:
-    """The files that rebuild `encoder` inside an artifact: encoder/encoder.json (our config),
-    encoder/model.safetensors (weights) and, for MiniLM, the tokenizer and BERT config."""
+def encoder_files(encoder: TextEncoder, folder: str = ENCODER_DIR) -> dict[str, bytes]:
+    """The files that rebuild `encoder` inside an artifact: <folder>/encoder.json (our config),
+    <folder>/model.safetensors (weights) and, for MiniLM, the tokenizer and BERT config. The
+    query tower lives in encoder/, an item tower of its own in item_encoder/ (`model.towers`)."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     files = {
-        f"{ENCODER_DIR}/encoder.json": json.dumps(encoder.config(), indent=2).encode(),
-        f"{ENCODER_DIR}/model.safetensors": save(state),
+        f"{folder}/encoder.json": json.dumps(encoder.config(), indent=2).encode(),
+        f"{folder}/model.safetensors": save(state),
     }
     base = encoder.base if isinstance(encoder, HeadEncoder) else encoder
     if isinstance(base, MiniLMEncoder):
         for name in ("tokenizer.json", "config.json"):
-            files[f"{ENCODER_DIR}/{name}"] = (base.model_dir / name).read_bytes()
+            files[f"{folder}/{name}"] = (base.model_dir / name).read_bytes()
     return files
 
 
@@ -337,22 +338,23 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 - not a dict
 
 
-def load_encoder(artifact: str | Path) -> TextEncoder:
-    """Rebuild the query encoder stored in an artifact directory (already verified by the index
-    core). Its config is validated against the weights' shapes first (`check_encoder_config`):
-    ValueError naming the field, and nothing large allocated, for a config that does not fit."""
+def load_encoder(artifact: str | Path, folder: str = ENCODER_DIR) -> TextEncoder:
+    """Rebuild the encoder stored in `folder` of an artifact directory (already verified by the
+    index core; encoder/ is the query tower). Its config is validated against the weights' shapes
+    first (`check_encoder_config`): ValueError naming the field, and nothing large allocated,
+    for a config that does not fit."""
     from safetensors.torch import load_file
 
     from index.artifact import read_json
 
-    root = Path(artifact) / ENCODER_DIR
+    root = Path(artifact) / folder
     cfg_path = root / "encoder.json"
     if not cfg_path.is_file():
-        raise ValueError(f"{artifact}: holds no query encoder ({ENCODER_DIR}/encoder.json missing)")
-    config = read_json(cfg_path, f"{ENCODER_DIR}/encoder.json")
-    bert = read_json(root / "config.json", f"{ENCODER_DIR}/config.json") if (root / "config.json").is_file() else None
+        raise ValueError(f"{artifact}: holds no encoder in {folder}/ ({folder}/encoder.json missing)")
+    config = read_json(cfg_path, f"{folder}/encoder.json")
+    bert = read_json(root / "config.json", f"{folder}/config.json") if (root / "config.json").is_file() else None
     if bert is not None and not isinstance(bert, dict):
-        raise ValueError(f"{ENCODER_DIR}/config.json must be a JSON object")
+        raise ValueError(f"{folder}/config.json must be a JSON object")
     check_encoder_config(config, _header_shapes(root / "model.safetensors"), bert)
     encoder = encoder_from_config(config, model_dir=root)
     if config.get("kind") in ("hashed", "head"):  # MiniLM alone already read its weights from model_dir

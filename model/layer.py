@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from index.build import assemble, assign_cells, encode_pq, train_opq
+from index.build import assemble, train_opq
+from index.encode import Quantizer, decode_rotated
 from index.ivfpq import IVFPQ, METRICS, NBITS
 from index.kmeans import assign, kmeans
 
@@ -96,12 +97,9 @@ class IndexingLayer(nn.Module):
 
     def quantize(self, xr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, d) rotated -> x_hat' (B, d), cells (B,), codes (B, M); x_hat' is differentiable in C, P."""
-        with torch.no_grad():
-            cells = assign(xr.detach()[None], self.centroids.detach()[None], self.metric)[0]
-            res = xr.detach() - self.centroids.detach()[cells]
-            codes = encode_pq(res, self.codebooks.detach()).long()  # (B, M)
-        parts = self.codebooks[torch.arange(self.M, device=xr.device), codes]  # (B, M, dsub)
-        return self.centroids[cells] + parts.reshape(len(xr), self.d), cells, codes
+        cells, codes = self.quantizer().encode_rotated(xr.detach())
+        codes = codes.long()  # (B, M)
+        return decode_rotated(self.centroids, self.codebooks, cells, codes), cells, codes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) embeddings -> (quantized embeddings with straight-through gradient, distortion loss)."""
@@ -158,28 +156,22 @@ class IndexingLayer(nn.Module):
         return len(pi)
 
     # -- indexing -------------------------------------------------------------------------------
+    def quantizer(self) -> Quantizer:
+        """The layer's current state as the frozen quantizer an artifact ships (`index.encode`)."""
+        return Quantizer(self.metric, self.rotation.float(), self.centroids.detach(), self.codebooks.detach())
+
     @torch.no_grad()
     def to_ivfpq(self, items: torch.Tensor, ids: list[str], progress: bool = False) -> IVFPQ:
-        """Index (n, d) item embeddings: rotate, assign, encode, sort by cell. One forward pass."""
+        """Index (n, d) item embeddings: rotate, assign, encode, sort by cell. One forward pass,
+        through `index.encode.Quantizer`, the path `jointpq index` and the service take too."""
         from tqdm.auto import tqdm
 
-        R = self.rotation.float()
+        q = self.quantizer()
         cells, codes = [], []
-        for s in tqdm(range(0, len(items), 1 << 16), desc="index items", disable=not progress, unit="chunk"):
-            xr = items[s : s + (1 << 16)].to(R.device).float() @ R.T
-            c = assign_cells(xr, self.centroids, self.metric)  # codes only: no reconstruction needed
-            j = encode_pq(xr - self.centroids[c], self.codebooks)
-            cells.append(c.cpu())
-            codes.append(j.cpu())
+        chunks = q.encode_chunks(items)
+        for c, j, _ in tqdm(chunks, desc="index items", disable=not progress, unit="chunk"):
+            cells.append(c)
+            codes.append(j)
         cells_t = torch.cat(cells) if cells else torch.zeros(0, dtype=torch.int64)
         codes_t = torch.cat(codes) if codes else torch.zeros(0, self.M, dtype=torch.uint8)
-        return assemble(
-            self.metric,
-            R.cpu(),
-            self.centroids.detach().cpu(),
-            self.codebooks.detach().cpu(),
-            cells_t,
-            codes_t,
-            ids,
-            self.nbits,
-        )
+        return assemble(self.metric, q.rotation, q.centroids, q.codebooks, cells_t, codes_t, ids, self.nbits)

@@ -18,10 +18,10 @@ from index.canary import CANARY, CanarySet
 
 from .config import CommonConfig
 from .data import RetrievalData
-from .encoders import encoder_files
 from .modes import MODES, TrainInputs, TrainResult, get_mode
 from .modes.base import make_encoder, seed_everything
 from .presets import preset_values
+from .towers import tower_files
 
 __all__ = [
     "MODES",
@@ -111,8 +111,13 @@ def write_trained_artifact(
         "steps": len(result.history),
         "metrics": metrics or {},
         "query_encoder": result.query_encoder.config(),
+        "applied_seq": 0,  # the live-update log entries folded in (service/items, jointpq compact)
     }
-    extra = encoder_files(result.query_encoder)
+    extra, training["item_encoder"] = tower_files(result.query_encoder, result.item_encoder)
+    if result.item_embeddings is not None and result.item_ids is not None:
+        from index.drift import baseline
+
+        training["drift_baseline"] = baseline(result.index, result.item_embeddings, result.item_ids)
     if canaries is not None:
         extra[CANARY] = canaries.dumps()
     return write_artifact(out, result.index, training=training, extra_files=extra)

@@ -47,6 +47,7 @@ class TrainInputs:
 
     encoder: TextEncoder | None = None
     item_embeddings: torch.Tensor | None = None
+    item_ids: list[str] | None = None  # ids of those rows
     memo: dict[str, torch.Tensor] | None = None
     queries: list[str] | None = None
     query_source: str | None = None
@@ -63,6 +64,10 @@ class TrainResult:
     timings: dict[str, float]
     validation: dict[str, Any] = field(default_factory=dict)  # the guard's record (curve, selected)
     canary: dict[str, Any] | None = None  # label-free canaries: texts and the teacher's top-10 ids
+    # (n, d) the item tower's embeddings the index was built from, corpus order: the drift
+    # report's baseline (quantization distortion of the trained items)
+    item_embeddings: torch.Tensor | None = None
+    item_ids: list[str] | None = None  # ids of those rows
 
     @property
     def selected(self) -> str:
@@ -84,6 +89,19 @@ def make_encoder(encoder: str, dim: int = 128, memo: dict[str, torch.Tensor] | N
     if encoder == "hashed":
         return HashedNgramEncoder(dim=dim)
     raise ConfigError(f"--encoder {encoder!r} is not one of ('hashed', 'minilm', 'minilm-head')")
+
+
+def snapshot_encoder(encoder: TextEncoder) -> TextEncoder:
+    """A frozen eval-mode copy of `encoder` that later training cannot change. A head encoder's
+    frozen base (90 MB for MiniLM) and memo are shared, not copied: only the head trains."""
+    if isinstance(encoder, HeadEncoder):
+        out = HeadEncoder(encoder.base, encoder.memo).to(next(encoder.head.parameters()).device)
+        out.head.load_state_dict(encoder.head.state_dict())
+        out.memoize = encoder.memoize
+        return out.eval()
+    import copy
+
+    return copy.deepcopy(encoder).eval()
 
 
 def base_embeddings(encoder: TextEncoder, memo: dict[str, torch.Tensor] | None, texts: list[str]) -> torch.Tensor:

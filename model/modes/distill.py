@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 
 from index import resolve_device
-from index.build import assemble, assign_cells, encode_pq
+from index.build import assemble
+from index.encode import decode_rotated
 
 from ..config import CommonConfig, ConfigError, option
 from ..data import RetrievalData
@@ -96,16 +97,14 @@ class Student(torch.nn.Module):
         q = self.head(queries) if self.head is not None else queries
         qr = q @ self.layer.rotation_leaf().T
         coarse = self.layer.centroids[self.cells[rows]]  # (U, d)
-        ar = torch.arange(self.layer.M, device=rows.device)
-        recon = coarse + self.layer.codebooks[ar, self.codes[rows]].reshape(len(rows), -1)
+        recon = decode_rotated(self.layer.centroids, self.layer.codebooks, self.cells[rows], self.codes[rows])
         return student_scores(qr, recon, metric), student_scores(qr, coarse, metric)
 
     def reassign(self, items: torch.Tensor, metric: str) -> None:
         """Re-encode every item with the current rotation, centroids and codebooks."""
-        with torch.no_grad():
-            xr = items @ self.layer.rotation.float().T
-            self.cells = assign_cells(xr, self.layer.centroids.detach(), metric)
-            self.codes = encode_pq(xr - self.layer.centroids.detach()[self.cells], self.layer.codebooks.detach()).long()
+        cells, codes = self.layer.quantizer().encode(items)
+        dev = self.layer.centroids.device
+        self.cells, self.codes = cells.to(dev), codes.to(dev).long()
 
 
 def gather_queries(data: RetrievalData, inputs: TrainInputs, cfg: DistillConfig) -> tuple[list[str], str]:
@@ -250,4 +249,6 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
     record = guard.record() | {"query_source": source, "train_queries": len(train_texts)}
     canary = {"texts": val_texts[:32], "expected": [sorted(r) for r in (teacher_val or [])[:32]]} if val_texts else None
     timings = {"train_seconds": train_seconds, "encode_items_seconds": encode_seconds, "index_seconds": build_seconds}
-    return TrainResult(query_enc, base, replace(index), history, timings, record, canary)
+    return TrainResult(
+        query_enc, base, replace(index), history, timings, record, canary, item_embeddings=xb, item_ids=doc_ids
+    )

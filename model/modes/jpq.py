@@ -178,4 +178,13 @@ def train(data: RetrievalData, cfg: JpqConfig, inputs: TrainInputs, progress: bo
         "encode_items_seconds": t1 - t0,
         "index_seconds": build_seconds,
     }
-    return TrainResult(query_out.eval(), item_enc.eval(), index, history, timings, guard.record())
+    return TrainResult(
+        query_out.eval(),
+        item_enc.eval(),
+        index,
+        history,
+        timings,
+        guard.record(),
+        item_embeddings=item_embeddings,
+        item_ids=doc_ids,
+    )

@@ -36,6 +36,7 @@ from .base import (
     labelled_validation,
     make_encoder,
     seed_everything,
+    snapshot_encoder,
     two_step_start,
 )
 
@@ -135,7 +136,7 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
     if validation is not None:  # the two-step start: the untrained towers' embeddings, OPQ + IVF-PQ
         start = two_step_start(d_emb, doc_ids, cfg, inputs.start)
-        guard.start(validation.score(query_enc, start), (copy.deepcopy(query_enc).eval(), start))
+        guard.start(validation.score(query_enc, start), (*towers(query_enc, item_enc), start, d_emb))
         if progress:
             print(f"poeem: two-step start nDCG@10 {guard.best_score:.4f} on {len(validation.texts)} held-aside queries")
     distill = None
@@ -202,7 +203,7 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
             validated = True
             if progress:
                 print(f"poeem: epoch {epoch} nDCG@10 {score:.4f}")
-            if guard.offer(epoch, score, lambda index=index: (copy.deepcopy(query_enc).eval(), index)):
+            if guard.offer(epoch, score, lambda index=index, emb=d_emb: (*towers(query_enc, item_enc), index, emb)):
                 break
         if stop:
             break
@@ -216,11 +217,12 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     final = layer.to_ivfpq(d_emb, doc_ids, progress=progress) if cfg.quantize else two_step_start(d_emb, doc_ids, cfg)
     index_seconds = time.perf_counter() - t3
     query_out: TextEncoder = query_enc
+    item_out: TextEncoder = item_enc
     if validation is not None:
         if not validated:  # trained after the last validation (warm start at the end, --no-quantize)
             score = validation.score(query_enc, final)
-            guard.offer(epoch_run, score, lambda: (copy.deepcopy(query_enc).eval(), final))
-        query_out, final = guard.best
+            guard.offer(epoch_run, score, lambda: (*towers(query_enc, item_enc), final, d_emb))
+        query_out, item_out, final, d_emb = guard.best
     if progress:
         print(guard.message("poeem"))
     if validation is not None and cfg.refit and guard.selected == "trained" and inputs.encoder is None:
@@ -238,7 +240,23 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
         "encode_items_seconds": t3 - t2,
         "index_seconds": index_seconds,
     }
-    return TrainResult(query_out.eval(), item_enc.eval(), final, history, timings, guard.record())
+    return TrainResult(
+        query_out.eval(),
+        item_out.eval(),
+        final,
+        history,
+        timings,
+        guard.record(),
+        item_embeddings=d_emb,
+        item_ids=doc_ids,
+    )
+
+
+def towers(query_enc: TextEncoder, item_enc: TextEncoder) -> tuple[TextEncoder, TextEncoder]:
+    """Frozen copies of both towers for a guard snapshot (one copy when they are shared): the
+    item tower ships with the index it made, so it must be the one of the selected epoch."""
+    query = snapshot_encoder(query_enc)
+    return query, query if item_enc is query_enc else snapshot_encoder(item_enc)
 
 
 def _warm_start(

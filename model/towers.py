@@ -1,0 +1,120 @@
+"""Both towers in the artifact: the query encoder (encoder/) and the item encoder, so that a
+trained artifact can index new items with one forward pass (`jointpq index`, the service's
+POST /admin/items) instead of a retrain.
+
+The item tower is stored once, in the cheapest form that rebuilds it exactly, and described by
+item_encoder/tower.json:
+
+    {"tower": "shared"}               item tower = the query tower (poeem with shared towers)
+    {"tower": "query-base"}           item tower = the query tower's frozen base (distill with a
+                                      query head: items keep the pretrained embeddings)
+    {"tower": "head-on-query-base"}   a head of its own (item_encoder/model.safetensors, head.*)
+                                      on the query tower's frozen base (poeem minilm-head): 3 MB
+                                      instead of a second 90 MB MiniLM
+    {"tower": "own"}                  a full encoder in item_encoder/ (encoder.json, weights, ...)
+
+Artifacts written before the item tower existed have no item_encoder/: they still load and
+serve, and take vectors (not texts) for indexing; `load_item_encoder` says so.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .encoders import ENCODER_DIR, HeadEncoder, TextEncoder, encoder_files, load_encoder
+
+ITEM_DIR = "item_encoder"
+TOWER = f"{ITEM_DIR}/tower.json"
+KINDS = ("shared", "query-base", "head-on-query-base", "own")
+
+
+class NoItemTower(ValueError):  # noqa: N818 - reads as the condition
+    """The artifact stores no item encoder (made before item towers shipped, or vectors only)."""
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def relation(query: TextEncoder, item: TextEncoder) -> str:
+    """How the item tower relates to the query tower (one of `KINDS`)."""
+    if item is query:
+        return "shared"
+    if isinstance(query, HeadEncoder) and (item is query.base or _same_weights(item, query.base)):
+        return "query-base"
+    both_heads = isinstance(query, HeadEncoder) and isinstance(item, HeadEncoder)
+    if both_heads and (item.base is query.base or _same_weights(item.base, query.base)):
+        return "head-on-query-base"
+    if type(item) is type(query) and _same_weights(item, query):
+        return "shared"
+    return "own"
+
+
+def tower_files(query: TextEncoder, item: TextEncoder | None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """(artifact files for both towers, the manifest's description of the item tower)."""
+    from safetensors.torch import save
+
+    files = encoder_files(query)
+    if item is None:
+        return files, {"tower": None}
+    kind = relation(query, item)
+    if kind == "head-on-query-base":
+        assert isinstance(item, HeadEncoder)
+        head = {f"head.{k}": v.detach().cpu().contiguous() for k, v in item.head.state_dict().items()}
+        files[f"{ITEM_DIR}/model.safetensors"] = save(head)
+    elif kind == "own":
+        files.update(encoder_files(item, ITEM_DIR))
+    description = {"tower": kind, "config": item.config()}
+    files[TOWER] = json.dumps(description, indent=2).encode()
+    return files, description
+
+
+def has_item_tower(artifact: str | Path) -> bool:
+    return (Path(artifact) / TOWER).is_file()
+
+
+def load_item_encoder(artifact: str | Path, query: TextEncoder | None = None) -> TextEncoder:
+    """Rebuild the item tower of an artifact (already verified by the index core). `query`: the
+    artifact's query tower when the caller has it loaded already (saves a second MiniLM load).
+    NoItemTower when the artifact has none; ValueError naming the file when it is malformed."""
+    from safetensors.torch import load_file
+
+    from index.artifact import read_json
+
+    root = Path(artifact)
+    if not (root / TOWER).is_file():
+        raise NoItemTower(
+            f"{artifact}: holds no item encoder ({TOWER} missing: made before item towers shipped);"
+            " index vectors instead of texts, or retrain"
+        )
+    desc = read_json(root / TOWER, TOWER)
+    kind = desc.get("tower") if isinstance(desc, dict) else None
+    if kind not in KINDS:
+        raise ValueError(f"{TOWER}: field 'tower' must be one of {KINDS}, got {str(kind)[:40]!r}")
+    if kind == "own":
+        return load_encoder(root, ITEM_DIR)
+    if query is None:
+        query = load_encoder(root, ENCODER_DIR)
+    if kind == "shared":
+        return query
+    if not isinstance(query, HeadEncoder):
+        raise ValueError(f"{TOWER}: tower {kind!r} needs a query encoder with a frozen base, got {query.kind!r}")
+    if kind == "query-base":
+        return query.base
+    weights = root / ITEM_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{ITEM_DIR}/model.safetensors: missing (tower {kind!r} keeps its head there)")
+    state = load_file(str(weights))
+    expect = {"head.weight": (query.dim, query.dim), "head.bias": (query.dim,)}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != expect:
+        raise ValueError(f"{ITEM_DIR}/model.safetensors: holds {shapes}, expected {expect}")
+    item = HeadEncoder(query.base).to(next(query.head.parameters()).device)
+    item.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
+    item.memoize = False  # serving: every item text would stay in memory
+    return item.eval()
