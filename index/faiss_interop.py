@@ -154,6 +154,24 @@ class FaissSearcher:
         self.rotation_t = None if eye else np.ascontiguousarray(index.rotation.numpy().T)
         self.device = torch.device("cpu")
         self._by_nprobe: dict[int, object] = {}
+        self._sel_cache: tuple | None = None  # (dead mask, selector, bitmap, {nprobe: params})
+
+    def _filtered(self, nprobe: int, dead: torch.Tensor):
+        """SearchParametersIVF selecting the live rows of the (n,) `dead` mask. A mask is never
+        mutated once made (`index.live` copies on write), so the packed bitmap (125 KB for 1M
+        rows) is built once per mask and kept with it; the selector holds a raw pointer, so the
+        bitmap lives on the params object as long as Faiss may read it."""
+        cached = self._sel_cache
+        if cached is None or cached[0] is not dead:
+            alive = np.packbits(~dead.cpu().numpy().astype(bool), bitorder="little")
+            sel = self.faiss.IDSelectorBitmap(len(dead), self.faiss.swig_ptr(alive))
+            cached = self._sel_cache = (dead, sel, alive, {})
+        _, sel, alive, by_nprobe = cached
+        params = by_nprobe.get(nprobe)
+        if params is None:
+            params = by_nprobe[nprobe] = self.faiss.SearchParametersIVF(nprobe=nprobe, sel=sel)
+            params._keep = (alive, sel)  # lifetime of the buffers Faiss points into
+        return params
 
     def _params(self, nprobe: int):
         """One SearchParametersIVF per nprobe, kept: Faiss only reads it, so threads can share it."""
@@ -162,14 +180,27 @@ class FaissSearcher:
             p = self._by_nprobe[nprobe] = self.faiss.SearchParametersIVF(nprobe=nprobe)
         return p
 
-    def search_rows(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = check_queries(queries, self.d)
-        check_k_nprobe(k, nprobe)
+    def _rotated(self, queries) -> np.ndarray:
         xq = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
         xq = np.ascontiguousarray(xq, dtype=np.float32)
-        if self.rotation_t is not None:
-            xq = xq @ self.rotation_t
-        params = self._params(min(int(nprobe), self.nlist))
+        return xq @ self.rotation_t if self.rotation_t is not None else xq
+
+    def probe(self, queries, nprobe: int) -> torch.Tensor:
+        """(B, d) checked queries -> (B, nprobe) int64 cells Faiss scans for them, best first:
+        its own quantizer's answer, so a delta segment scans exactly the cells this index does."""
+        _, cells = self.ivf.quantizer.search(self._rotated(queries), min(int(nprobe), self.nlist))
+        return torch.from_numpy(cells.astype(np.int64))
+
+    def search_rows(
+        self, queries, k: int, nprobe: int, dead: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As `TorchSearcher.search_rows`; `dead` rows (tombstones) are skipped inside the scan
+        by an `IDSelectorBitmap` of the live rows, so they never take a top-k slot."""
+        queries = check_queries(queries, self.d)
+        check_k_nprobe(k, nprobe)
+        xq = self._rotated(queries)
+        nprobe = min(int(nprobe), self.nlist)
+        params = self._params(nprobe) if dead is None else self._filtered(nprobe, dead)
         D, I = self.ivf.search(xq, int(k), params=params)  # noqa: E741 - Faiss's names
         pad = -np.inf if self.metric == "ip" else np.inf
         D = np.where(I < 0, pad, D).astype(np.float32)

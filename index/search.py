@@ -119,11 +119,27 @@ class TorchSearcher:
         self.norms = _item_norms(index).to(dev) if index.metric == "l2" else None
 
     @torch.inference_mode()
-    def search_rows(self, queries, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    def probe(self, queries, nprobe: int) -> torch.Tensor:
+        """(B, d) checked queries -> (B, nprobe) int64 cells to scan, best first (on the CPU)."""
+        xq = torch.as_tensor(queries).to(self.device, torch.float32)
+        xr = xq @ self.rotation.T if self.rotation is not None else xq
+        return self._probe(xr @ self.centroids.T, min(int(nprobe), self.nlist)).cpu()
+
+    def _probe(self, coarse: torch.Tensor, nprobe: int) -> torch.Tensor:
+        rank = 2 * coarse - self.centroid_norms if self.metric == "l2" else coarse
+        return rank.topk(nprobe, dim=1).indices  # (B, nprobe) best cell first
+
+    @torch.inference_mode()
+    def search_rows(
+        self, queries, k: int, nprobe: int, dead: torch.Tensor | None = None, probe: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(B, d) queries -> scores (B, k) float32 and rows (B, k) int64, best first.
 
         ip scores descend, l2 distances ascend. Where the probed cells hold fewer than k items
         the tail is padded with row -1 and score -inf (ip) or +inf (l2).
+        `dead`: (n,) bool rows never returned (tombstones), dropped before the top-k, so a query
+        still gets its k best live items. `probe`: (B, nprobe) cells to scan instead of this
+        index's own coarse probe (a delta segment scans exactly the cells the base scanned).
         """
         queries = check_queries(queries, self.d)
         check_k_nprobe(k, nprobe)
@@ -137,9 +153,13 @@ class TorchSearcher:
         xr = xq @ self.rotation.T if self.rotation is not None else xq
         scale = 2.0 if self.metric == "l2" else 1.0  # l2 ranks by 2 q.x_hat - ||x_hat||^2
         coarse = xr @ self.centroids.T  # (B, nlist)
-        rank = 2 * coarse - self.centroid_norms if self.metric == "l2" else coarse
-        probe = rank.topk(nprobe, dim=1).indices  # (B, nprobe) best cell first
+        if probe is None:
+            probe = self._probe(coarse, nprobe)
+        else:
+            probe = probe.to(self.device)
+            nprobe = probe.shape[1]
         cterm = scale * coarse.gather(1, probe)  # (B, nprobe) cell part of each item's score
+        dead = dead.to(self.device) if dead is not None else None
         sizes = self.sizes[probe]  # (B, nprobe)
         totals = sizes.sum(1)
         tmax = int(totals.max())
@@ -152,7 +172,7 @@ class TorchSearcher:
         step = max(1, min(budget // tmax, _LUT_ELEMS // (self.Mv * 256)))
         for s in range(0, B, step):
             e = min(B, s + step)
-            v, r = run(scale * xr[s:e], probe[s:e], cterm[s:e], sizes[s:e], min(k, tmax))
+            v, r = run(scale * xr[s:e], probe[s:e], cterm[s:e], sizes[s:e], min(k, tmax), dead)
             out_s[s:e, : v.shape[1]] = v
             out_r[s:e, : r.shape[1]] = r
         return self._finish(xq, out_s, out_r)
@@ -178,7 +198,7 @@ class TorchSearcher:
         xsub = xs.view(B, self.Mv, -1).transpose(0, 1)  # (Mv, B, dv)
         return torch.bmm(xsub, self.codebooks.transpose(1, 2)).transpose(0, 1).reshape(B, -1)
 
-    def _pairs(self, xs, probe, cterm, sizes, k):
+    def _pairs(self, xs, probe, cterm, sizes, k, dead=None):
         """Flat candidates of all queries; one gather-sum; one top-k."""
         B = probe.shape[0]
         lut = self._lut(xs).reshape(-1, 1)  # (B*Mv*256, 1)
@@ -197,6 +217,8 @@ class TorchSearcher:
         s += torch.repeat_interleave(cterm.reshape(-1), flat_sizes, output_size=N)
         if self.norms is not None:
             s -= self.norms[rows]
+        if dead is not None:
+            s.masked_fill_(dead[rows], -math.inf)
         qstart = torch.cumsum(totals, 0) - totals
         tmax = int(totals.max())
         buf = torch.full((B, tmax), -math.inf, device=self.device)
@@ -205,7 +227,7 @@ class TorchSearcher:
         r = rows[(qstart[:, None] + p).clamp_max(N - 1)]
         return v, torch.where(torch.isinf(v), torch.full_like(r, -1), r)
 
-    def _cells(self, xs, probe, cterm, sizes, k):
+    def _cells(self, xs, probe, cterm, sizes, k, dead=None):
         """Group (query, cell) pairs by cell; score each cell's items for all its queries at once."""
         B, nprobe = probe.shape
         pos = torch.cumsum(sizes, 1) - sizes  # (B, nprobe) where each probed cell starts in the row
@@ -236,6 +258,8 @@ class TorchSearcher:
                 out += cs[start:end]
                 if self.norms is not None:
                     out -= self.norms[a:b, None]
+                if dead is not None:
+                    out.masked_fill_(dead[a:b, None], -math.inf)
                 buf.put_(base[start:end] + self._arange[: b - a, None], out)  # disjoint slots per job
 
         # The per-cell ops are too small for torch's intra-op threads, so split the cells across
