@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from index.canary import read_canaries, recall
 from index.pointer import BadArtifactName, check_links_inside, current_version, resolve_in_root
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("jointpq.service")
 
@@ -318,3 +321,18 @@ class IndexHolder:
                 raise ReloadRefused(409, "no previous artifact to roll back to")
             self.previous, self.current = self.current, self.previous
             return self.current, self.previous
+
+
+async def swap_to(holder: IndexHolder, metrics: Metrics, name: str, source: str) -> tuple[Loaded, Loaded | None]:
+    """`holder.reload(name)`, logged and counted: the one way the start-up load, the pointer
+    watcher (`source` "watch") and POST /admin/reload swap artifacts. ReloadRefused if refused."""
+    try:
+        new, old = await holder.reload(name)
+    except ReloadRefused as e:
+        metrics.reloads.labels("refused").inc()
+        log.warning("reload refused", extra={"source": source, "artifact": name, "reason": e.reason})
+        raise
+    metrics.reloads.labels("ok").inc()
+    metrics.serving(new.version)
+    log.info("reloaded", extra={"source": source, "version": new.version, "previous": old and old.version})
+    return new, old
