@@ -24,7 +24,7 @@ on; `ids_of(rows)` maps them with the same view.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,4 +299,33 @@ def live(base: Index, applied_seq: int = 0) -> LiveIndex:
     return LiveIndex(base, applied_seq)
 
 
-__all__ = ["Delta", "LiveIndex", "live"]
+def replay(
+    view: LiveIndex,
+    entries: Sequence[Any],
+    encode_texts: Callable[[list[str]], np.ndarray] | None = None,
+    tower: str | None = None,
+) -> LiveIndex:
+    """Apply write-ahead-log entries (`index.wal.Entry`, in sequence order) to `view`.
+
+    An upsert record keeps each item's vector, and its text when it came as text, with the
+    fingerprint of the item tower that encoded it. Replayed onto a version whose tower differs
+    (a retrained model), texts are encoded again with `encode_texts` (this version's item tower)
+    so they land where this model puts them; vectors given by the client are taken as they are."""
+    from .wal import decode_vector
+
+    d = view.data.d
+    for e in entries:
+        if e.seq <= view.applied_seq:
+            continue
+        if e.op == "delete":
+            view, _ = view.delete([str(i) for i in e.body.get("ids", [])], applied_seq=e.seq)
+        elif e.op == "upsert":
+            items = e.body.get("items", [])
+            x = np.stack([decode_vector(it["vector"], d) for it in items]) if items else np.zeros((0, d), np.float32)
+            stale = [j for j, it in enumerate(items) if it.get("text") is not None and e.body.get("tower") != tower]
+            if stale and encode_texts is not None:
+                x[stale] = encode_texts([items[j]["text"] for j in stale])
+            view = view.upsert([str(it["id"]) for it in items], x, applied_seq=e.seq) if items else view.with_seq(e.seq)
+        else:
+            view = view.with_seq(e.seq)
+    return view

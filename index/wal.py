@@ -159,6 +159,7 @@ class WriteAheadLog:
         self._inode: int | None = None
         self._offset = 0  # bytes of the file (that inode) already read
         self._last = 0  # highest seq seen (marks included): the next append is _last + 1
+        self.trimmed_upto = 0  # records <= this were trimmed (folded into a compacted version)
 
     # -- locking -----------------------------------------------------------------------------------
     @contextmanager
@@ -191,38 +192,42 @@ class WriteAheadLog:
         except OSError as e:
             raise WalError(f"{self.path}: unreadable ({e.strerror or e})") from None
 
-    def _scan_new(self) -> Scan:
-        """Records after this object's offset (the whole file after a trim); advances it."""
-        data, base = self._read(self._offset)
+    def _scan_new(self, after: int) -> Scan:
+        """Scan the records a reader at `after` has not seen. Records sit in seq order, so all
+        bytes before `_offset` hold seqs <= `_last`: a reader at `after >= _last` starts there
+        (only new bytes are read); one further behind (a just-loaded version) rereads from 0."""
+        data, base = self._read(self._offset if after >= self._last else 0)
         found = scan(data, base)
         if base == 0:
             self._last = 0
         if found.entries:
-            self._last = found.entries[-1].seq
+            self._last = max(self._last, found.entries[-1].seq)
+        marks = [e.seq for e in found.entries if e.op == "mark"]
+        if marks:
+            self.trimmed_upto = max(self.trimmed_upto, *marks)
         self._offset = base + found.end
         found.end = self._offset
         return found
 
     def read_all(self, after: int = 0) -> list[Entry]:
-        """Every complete record with seq > `after`, read from the start (start-up, reload); a
-        torn tail is left out with a log line."""
+        """Every complete record with seq > `after` (start-up, reload); a torn tail is left out
+        with a log line."""
         with self._mutex:
-            self._offset, self._inode = 0, None
-            found = self._scan_new()
+            found = self._scan_new(after)
         if found.tail:
             log.warning("%s: ignoring %s (a write that never completed)", self.path, found.tail)
         return [e for e in found.entries if e.seq > after and e.op != "mark"]
 
     def read_new(self, after: int) -> list[Entry]:
-        """Records with seq > `after` appended since this object's last read (cheap to poll:
-        only the new bytes are read)."""
+        """Records with seq > `after` not yet applied by a reader at `after` (cheap to poll:
+        usually only the bytes appended since the last read are read)."""
         with self._mutex:
-            found = self._scan_new()
+            found = self._scan_new(after)
         return [e for e in found.entries if e.seq > after and e.op != "mark"]
 
     def last_seq(self) -> int:
         with self._mutex:
-            self._scan_new()
+            self._scan_new(self._last)
             return self._last
 
     # -- writing -----------------------------------------------------------------------------------
@@ -233,7 +238,7 @@ class WriteAheadLog:
         if op not in OPS:
             raise WalError(f"unknown op {op!r}")
         with self.locked():
-            found = self._scan_new()
+            found = self._scan_new(after)
             if found.tail:
                 log.warning("%s: dropping %s (a write that never completed; it was never acknowledged)",
                             self.path, found.tail)  # fmt: skip
@@ -269,8 +274,7 @@ class WriteAheadLog:
         """Drop the records with seq <= `upto` (folded into a published version): the file is
         rewritten (temp + fsync + rename) starting with a `mark` at `upto`. Returns records kept."""
         with self.locked():
-            self._offset, self._inode = 0, None
-            found = self._scan_new()
+            found = self._scan_new(-1)
             keep = [e for e in found.entries if e.seq > upto and e.op != "mark"]
             mark = max([upto] + [e.seq for e in found.entries if e.op == "mark" and e.seq <= upto])
             tmp = self.path.with_name(self.path.name + ".tmp")

@@ -205,14 +205,14 @@ def index_catalog(
     training["drift"] = report(manifest.training.get("drift_baseline"), drift, index.list_sizes())
     training.setdefault("applied_seq", 0)
     extra: dict[str, bytes | str | Path] = dict(copied_model_files(artifact, manifest.files))
-    canaries = _carried_canaries(artifact, index)
+    canaries = carried_canaries(artifact, index)
     if canaries is not None:
         extra[CANARY] = canaries.dumps()
     write_artifact(out, index, training=training, extra_files=extra)
     return out, record | {"drift": training["drift"]}
 
 
-def _carried_canaries(artifact: Path, index):
+def carried_canaries(artifact: Path, index):
     """The parent's canary queries whose expected ids all remain, re-measured on the new index
     (same margin): a changed catalog must not fail its own gate for ids it no longer holds."""
     from index import Index

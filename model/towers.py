@@ -118,3 +118,13 @@ def load_item_encoder(artifact: str | Path, query: TextEncoder | None = None) ->
     item.head.load_state_dict({k.removeprefix("head."): v for k, v in state.items()})
     item.memoize = False  # serving: every item text would stay in memory
     return item.eval()
+
+
+def tower_fingerprint(files: dict[str, Any]) -> str | None:
+    """A short hash of an artifact's encoder files (its manifest `files`): two versions with the
+    same fingerprint embed item texts identically. The write-ahead log records it with every
+    text it encoded, so a replay onto a retrained model encodes those texts again."""
+    import hashlib
+
+    parts = sorted((n, m.get("sha256")) for n, m in files.items() if n.startswith((f"{ENCODER_DIR}/", f"{ITEM_DIR}/")))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16] if parts else None

@@ -27,10 +27,11 @@ from index.pointer import PointerError
 from .engine import SearchEngine
 from .errors import install_handlers
 from .holder import IndexHolder, ReloadRefused, swap_to
+from .items import follow_log, live_status
 from .metrics import Metrics
 from .middleware import RequestMiddleware
-from .routes import admin, ops, search
-from .schemas import ErrorResponse
+from .routes import admin, items, ops, search
+from .schemas import ErrorResponse, item_models
 from .settings import Settings
 from .watch import WatchStatus, watch_pointer
 
@@ -70,9 +71,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.watch
         else None
     )
+    follower = asyncio.create_task(follow_log(settings, holder, swap), name="jointpq-follow-log")
     try:
         yield
     finally:
+        follower.cancel()
         if watcher is not None:
             watcher.cancel()
         await engine.stop()
@@ -95,8 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine, app.state.watch, app.state.started = engine, watch, time.time()
     metrics.watch_cache(lambda: holder.current.cache.stats() if holder.current and holder.current.cache else None)
     metrics.watch_watcher(lambda: watch.healthy(holder.current.name if holder.current else None))
+    metrics.watch_live(lambda: live_status(holder.current))
     install_handlers(app)
-    routers = (search.router(engine.request_model), ops.router, admin.router)
+    routers = (search.router(engine.request_model), ops.router, admin.router, items.router(*item_models(settings)))
     for router in routers:
         app.include_router(router)
     app.add_middleware(

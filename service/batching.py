@@ -109,10 +109,10 @@ def run_jobs(jobs: list[Job], observe: Observer | None = None) -> list[JobResult
     by_nprobe: dict[int, list[int]] = {}
     for i, j in enumerate(jobs):
         by_nprobe.setdefault(min(j.nprobe, loaded.nlist), []).append(i)
-    ids_of = loaded.index.ids
+    view = loaded.live.view  # one view for the whole batch: a write lands wholly before or after it
     for nprobe, members in by_nprobe.items():
         x = np.concatenate([vecs[i] for i in members]).astype(np.float32, copy=False)
-        scores, rows = loaded.index.search_rows(x, max(jobs[i].k for i in members), nprobe)
+        scores, rows = view.search_rows(x, max(jobs[i].k for i in members), nprobe)
         start = 0
         for i in members:
             n, k = jobs[i].size, jobs[i].k
@@ -121,7 +121,7 @@ def run_jobs(jobs: list[Job], observe: Observer | None = None) -> list[JobResult
             valid = r >= 0
             out[i] = JobResult(
                 [si[v] for si, v in zip(s, valid, strict=True)],
-                [ids_of[ri[v]].tolist() for ri, v in zip(r, valid, strict=True)],
+                [view.ids_of(ri[v]).tolist() for ri, v in zip(r, valid, strict=True)],
             )
     if observe is not None:
         observe(len(jobs), sum(j.size for j in jobs), time.perf_counter() - t0)

@@ -9,7 +9,7 @@ from index import JointPQError
 from index import cli as index_cli
 from model import cli as model_cli
 
-from . import demo, serve
+from . import compaction, demo, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     index_cli.add_commands(sub)
     model_cli.add_commands(sub)
     serve.add_command(sub)
+    compaction.add_command(sub)
     demo.add_command(sub)
     return p
 

@@ -27,6 +27,7 @@ from index import ArtifactError, Index, JointPQError, load_index
 from index.canary import read_canaries, recall
 from index.pointer import BadArtifactName, check_links_inside, current_version, resolve_in_root
 
+from .items import drift_report
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class Loaded:
         return self.index.data.nlist
 
     cache: QueryCache | None = None
+    live: Any = None  # service.items.LiveSlot: the view searches use (base + delta - tombstones)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Query embeddings; repeated texts come from the LRU cache (one per artifact version, so
@@ -178,7 +180,7 @@ class Loaded:
             "nlist": self.nlist,
             "M": self.index.data.M,
             "nbits": self.index.data.nbits,
-            "n_items": self.index.data.n,
+            "n_items": self.live.view.n_live if self.live else self.index.data.n,
             "created": m.created if m else None,
             "mode": training.get("mode"),
             "metrics": training.get("metrics"),
@@ -188,6 +190,11 @@ class Loaded:
             "loaded_at": self.loaded_at,
             "checks": self.checks,
             "query_cache": self.cache.stats() if self.cache else None,
+            "item_tower": (training.get("item_encoder") or {}).get("tower"),
+            "live": self.live.view.stats() | {"updates": self.live.updates} if self.live else None,
+            "drift": drift_report(self) if self.live else None,
+            "indexed": training.get("indexed"),
+            "compacted": training.get("compacted"),
         }
 
 
@@ -240,7 +247,9 @@ def _load_candidate(settings: Settings, name: str) -> Loaded:
         if encoder is not None and settings.query_cache_size and settings.query_cache_bytes
         else None
     )
-    candidate = Loaded(name, path, index, encoder, time.time(), checks, cache)
+    from .items import new_slot
+
+    candidate = Loaded(name, path, index, encoder, time.time(), checks, cache, new_slot(index))
     try:
         _smoke(candidate, settings)
         _canary_gate(candidate, settings)
@@ -298,7 +307,10 @@ class IndexHolder:
     """Holds the artifact being served and the one before it (for rollback)."""
 
     def __init__(self, settings: Settings):
+        from .items import ItemWriter
+
         self.settings = settings
+        self.writer = ItemWriter(settings)  # the artifact root's live-update log, this worker's writes
         self.current: Loaded | None = None
         self.previous: Loaded | None = None
         self.lock = asyncio.Lock()  # one reload at a time; searches never take it
@@ -310,8 +322,17 @@ class IndexHolder:
         """Load `name` off to the side (in a thread: searches go on), then swap. ReloadRefused if bad."""
         async with self.lock:
             candidate = await asyncio.to_thread(load_candidate, self.settings, name)
+            try:  # the logged item updates after the version's applied_seq, off to the side too
+                candidate.checks["replayed_updates"] = await asyncio.to_thread(self.writer.replay_all, candidate)
+            except (JointPQError, ValueError) as e:
+                raise ReloadRefused(422, f"refused: replaying the item-update log onto {shown(name)}: {e}") from None
             old = self.current
-            self.previous, self.current = old, candidate  # the swap: one reference assignment each
+
+            def swap() -> None:  # the swap: one reference assignment each
+                self.previous, self.current = old, candidate
+
+            # under the write lock, so no write lands between the last catch-up and the swap
+            await asyncio.to_thread(self.writer.swap_in, candidate, swap)
             log.info("swapped in %s (was %s)", candidate.version, old.version if old else None)
             return candidate, old
 
@@ -319,7 +340,12 @@ class IndexHolder:
         async with self.lock:
             if self.previous is None or self.current is None:
                 raise ReloadRefused(409, "no previous artifact to roll back to")
-            self.previous, self.current = self.current, self.previous
+            cur, prev = self.current, self.previous
+
+            def swap() -> None:
+                self.previous, self.current = cur, prev
+
+            await asyncio.to_thread(self.writer.swap_in, prev, swap)  # prev missed the writes since
             return self.current, self.previous
 
 

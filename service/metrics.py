@@ -38,6 +38,13 @@ class Metrics:
         self.watch_errors = Counter(
             "jointpq_watch_errors", "pointer-watch checks that failed (unreadable pointer, crashed load)", registry=r
         )
+        self.item_updates = Counter(
+            "jointpq_item_updates", "items written through POST /admin/items[/delete]", ["op"], registry=r
+        )
+        self.item_update_latency = Histogram(
+            "jointpq_item_update_duration_seconds", "validate + encode + log (fsync) + apply of one write batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -67,6 +74,33 @@ class Metrics:
         names (or is off), 0 otherwise; `healthy()` is read at scrape time."""
         g = Gauge("jointpq_watch_healthy", "1 when the pointer watcher is healthy or off", registry=self.registry)
         g.set_function(lambda: 1.0 if healthy() else 0.0)
+
+    def watch_live(self, live) -> None:
+        """Live-update and drift gauges of the served artifact, read at scrape time from `live()`
+        -> (view stats, drift report) or None: what an operator watches to compact or retrain."""
+
+        def get(*path: str) -> float:
+            cur = live()
+            for p in path:
+                cur = cur.get(p) if isinstance(cur, dict) else None
+            return float(cur) if isinstance(cur, (int, float)) else float("nan")
+
+        gauges = {
+            "jointpq_live_items": ("items searchable now (base - deleted + delta)", ("live", "live_items")),
+            "jointpq_delta_items": ("items in the delta segment (compact folds them in)", ("live", "delta_items")),
+            "jointpq_deleted_base_items": ("tombstoned base items", ("live", "deleted_base_items")),
+            "jointpq_applied_seq": ("last item-update log record applied", ("live", "applied_seq")),
+            "jointpq_drift_distortion_ratio": (
+                "new items' mean quantization distortion / the trained items' (> 1.5: retrain advised)",
+                ("drift", "distortion_ratio"),
+            ),
+            "jointpq_drift_cells_max_over_mean": (
+                "largest coarse cell / mean cell size, live items", ("drift", "cells_now", "max_over_mean")
+            ),
+            "jointpq_drift_empty_cells": ("coarse cells with no live item", ("drift", "cells_now", "empty_cells")),
+        }
+        for name, (doc, path) in gauges.items():
+            Gauge(name, doc, registry=self.registry).set_function(lambda path=path: get(*path))
 
     def observe_batch(self, requests: int, queries: int, seconds: float) -> None:
         self.batch_requests.observe(requests)

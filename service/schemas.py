@@ -123,3 +123,62 @@ class InfoResponse(BaseModel):
     previous_version: str | None
     uptime_s: float
     settings: dict[str, Any]
+
+
+def item_models(s: Settings) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(UpsertRequest, DeleteRequest) with the settings' limits, as the search request is built."""
+    Id = Annotated[str, Field(min_length=1, max_length=s.max_id_chars)]
+
+    class ItemIn(BaseModel):
+        """One item: its id and exactly one of `text` (encoded by the artifact's item tower) or
+        `vector` (the item embedding, the artifact's dimension)."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        id: Id
+        text: str | None = Field(None, min_length=1, max_length=s.max_item_chars)
+        vector: list[FiniteFloat] | None = Field(None, min_length=1)
+
+        @model_validator(mode="after")
+        def _exactly_one(self) -> ItemIn:
+            if (self.text is None) == (self.vector is None):
+                raise ValueError("give exactly one of text, vector")
+            return self
+
+    class UpsertRequest(BaseModel):
+        """Insert or replace items; an existing id is replaced. At most `max_batch` a request."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+        items: list[ItemIn] = Field(min_length=1, max_length=s.max_batch)
+
+    class DeleteRequest(BaseModel):
+        """Delete items by id; ids not present are reported in the answer, not an error."""
+
+        model_config = ConfigDict(extra="forbid", strict=True)
+        ids: list[Id] = Field(min_length=1, max_length=s.max_batch)
+
+    return UpsertRequest, DeleteRequest
+
+
+class UpsertResponse(BaseModel):
+    upserted: int
+    seq: int = Field(description="the write-ahead-log sequence number of this batch")
+    version: str
+    items: int = Field(description="items searchable after this batch")
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+    unknown: list[str] = Field(description="ids that were not present")
+    seq: int | None
+    version: str
+    items: int
+
+
+class CompactResponse(BaseModel):
+    compacted: bool
+    version: str
+    previous: str | None = None
+    applied_seq: int | None = None
+    log_records_kept: int | None = None
+    took_ms: float

@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         1024, ge=1, description="open connections + requests in flight per worker before new requests get 503"
     )
 
+    wal_fsync: bool = Field(
+        True, description="fsync the item-update log before a write is answered (off: a crash may lose acked writes)"
+    )
+    max_item_chars: int = Field(16384, ge=1, description="longest item text POST /admin/items accepts")
+    max_id_chars: int = Field(512, ge=1, description="longest item id")
     admin_token: SecretStr | None = Field(None, description="bearer token for /admin/*; admin is off when unset")
     canary_min_recall: float | None = Field(
         None, ge=0, le=1, description="quality gate on reload; default: the artifact's own min_recall"
