@@ -117,9 +117,12 @@ def index_catalog(
     chunk: int = CHUNK,
     device: str = "auto",
     progress: bool = True,
+    encoder: Any = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Index `corpus` (texts) or `vectors` + `ids` with `artifact`'s frozen model into a new
-    artifact `out`; returns (out, the manifest's `indexed` record). See the module docstring."""
+    artifact `out`; returns (out, the manifest's `indexed` record). See the module docstring.
+    `encoder`: the artifact's item tower already loaded (e.g. a head tower whose frozen base
+    reads a cache of base embeddings); default: `model.towers.load_item_encoder(artifact)`."""
     from tqdm.auto import tqdm
 
     from index.search import resolve_device
@@ -138,7 +141,7 @@ def index_catalog(
     if corpus is not None:
         from .towers import load_item_encoder
 
-        encoder = load_item_encoder(artifact).to(dev).eval()
+        encoder = (encoder if encoder is not None else load_item_encoder(artifact)).to(dev).eval()
         if encoder.dim != parent.d:
             raise IndexingError(f"{artifact}: the item tower outputs {encoder.dim} dims, the index has {parent.d}")
         batches = corpus_batches(Path(corpus), chunk)
