@@ -164,7 +164,7 @@ class FaissSearcher:
         cached = self._sel_cache
         if cached is None or cached[0] is not dead:
             alive = np.packbits(~dead.cpu().numpy().astype(bool), bitorder="little")
-            sel = self.faiss.IDSelectorBitmap(len(dead), self.faiss.swig_ptr(alive))
+            sel = self.faiss.IDSelectorBitmap(len(alive), self.faiss.swig_ptr(alive))  # n: bitmap bytes
             cached = self._sel_cache = (dead, sel, alive, {})
         _, sel, alive, by_nprobe = cached
         params = by_nprobe.get(nprobe)

@@ -63,6 +63,11 @@ class WalCorrupt(WalError):  # noqa: N818 - reads as the condition
     """A damaged record that is not the torn tail of a crash: an operator must look."""
 
 
+class WalBehind(WalError):  # noqa: N818 - reads as the condition
+    """The reader's state is older than a trim: the records it lacks now live only in the
+    compacted version (reload it) and must not be skipped over."""
+
+
 @dataclass(frozen=True)
 class Entry:
     seq: int
@@ -111,11 +116,14 @@ def scan(data: bytes, origin: int = 0) -> Scan:
             return Scan(entries, pos, f"garbage at offset {origin + pos} ({n - pos} bytes)")
         body_end = pos + _HEAD.size + length
         if body_end > n:
+            if _good_record_after(data, pos + 1):  # a damaged length field, not a crash's tail
+                bad = f"record seq {seq} at offset {origin + pos} has a bad length"
+                raise WalCorrupt(f"{WAL}: {bad}, valid ones follow")
             where = f"a record of {length} bytes at offset {origin + pos}"
             return Scan(entries, pos, f"{where} cut at {n - pos - _HEAD.size}")
         payload = data[pos + _HEAD.size : body_end]
         if zlib.crc32(struct.pack("<QI", seq, length) + payload) != crc:
-            if _good_record_after(data, body_end):
+            if _good_record_after(data, pos + 1):
                 where = f"record seq {seq} at offset {origin + pos}"
                 raise WalCorrupt(f"{WAL}: {where} fails its checksum, valid ones follow")
             return Scan(entries, pos, f"record seq {seq} at offset {origin + pos} fails its checksum")
@@ -157,6 +165,7 @@ class WriteAheadLog:
         self.fsync = fsync
         self._mutex = threading.Lock()
         self._inode: int | None = None
+        self._head = b""  # the file's first record header: with the inode, tells a trimmed file apart
         self._offset = 0  # bytes of the file (that inode) already read
         self._last = 0  # highest seq seen (marks included): the next append is _last + 1
         self.trimmed_upto = 0  # records <= this were trimmed (folded into a compacted version)
@@ -181,9 +190,12 @@ class WriteAheadLog:
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
-                if st.st_ino != self._inode or st.st_size < offset:
+                head = f.read(_HEAD.size)
+                # a trim replaces the file; the file system may hand the new one the old inode, but
+                # its first record (a mark at the trim point) differs from the old file's
+                if st.st_ino != self._inode or head != self._head or st.st_size < offset:
                     offset = 0
-                self._inode = st.st_ino
+                self._inode, self._head = st.st_ino, head
                 f.seek(offset)
                 return f.read(), offset
         except FileNotFoundError:
@@ -243,6 +255,11 @@ class WriteAheadLog:
                 log.warning("%s: dropping %s (a write that never completed; it was never acknowledged)",
                             self.path, found.tail)  # fmt: skip
                 self._truncate(found.end)
+            if self.trimmed_upto > after:
+                raise WalBehind(
+                    f"{self.path}: records up to {self.trimmed_upto} were folded into a compacted version;"
+                    f" this reader is at {after}: reload the current version first"
+                )
             missed = [e for e in found.entries if e.seq > after and e.op != "mark"]
             entry = Entry(self._last + 1, op, {**body, "op": op})
             payload = json.dumps(entry.body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -255,7 +272,8 @@ class WriteAheadLog:
                     raise WalError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
                 if self.fsync:
                     os.fsync(fd)
-                self._inode = os.fstat(fd).st_ino
+                if new_file or self._inode is None:
+                    self._inode, self._head = os.fstat(fd).st_ino, frame[: _HEAD.size]
             finally:
                 os.close(fd)
             if new_file and self.fsync:
@@ -275,8 +293,9 @@ class WriteAheadLog:
         rewritten (temp + fsync + rename) starting with a `mark` at `upto`. Returns records kept."""
         with self.locked():
             found = self._scan_new(-1)
-            keep = [e for e in found.entries if e.seq > upto and e.op != "mark"]
-            mark = max([upto] + [e.seq for e in found.entries if e.op == "mark" and e.seq <= upto])
+            # never rewind: a trim to an older point than an earlier trim keeps the earlier mark
+            mark = max([upto] + [e.seq for e in found.entries if e.op == "mark"])
+            keep = [e for e in found.entries if e.seq > mark and e.op != "mark"]
             tmp = self.path.with_name(self.path.name + ".tmp")
             with open(tmp, "wb") as f:
                 f.write(_frame(mark, json.dumps({"op": "mark"}).encode()))

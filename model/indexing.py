@@ -18,6 +18,7 @@ The manifest records where the version came from and the drift report (`index.dr
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -154,23 +155,25 @@ def index_catalog(
     seen: set[str] = set()
     cells, codes = [], []
     drift = DriftStats()
-    bar = tqdm(desc="index items", unit="item", disable=not progress)
     encode_seconds = 0.0
-    for batch in batches:
-        for i in batch.ids:
-            if i in seen:
-                raise IndexingError(f"{corpus or ids}: id {i!r} appears twice")
-            seen.add(i)
-        te = time.perf_counter()
-        x = batch.vectors if batch.vectors is not None else encoder.encode(batch.texts, batch_size=batch_size)  # type: ignore[union-attr]
-        encode_seconds += time.perf_counter() - te
-        for c, j, err in quantizer.encode_chunks(x):
-            cells.append(c)
-            codes.append(j)
-            drift.add(err)
-        new_ids.extend(batch.ids)
-        bar.update(len(batch.ids))
-    bar.close()
+    # the first chunk is read before the bar opens (a missing or malformed file fails with no bar
+    # drawn), and the bar closes on errors too: an error line never shares its line with it
+    first = next(batches, None)
+    with tqdm(desc="index items", unit="item", disable=not progress) as bar:
+        for batch in itertools.chain([first] if first is not None else [], batches):
+            for i in batch.ids:
+                if i in seen:
+                    raise IndexingError(f"{corpus or ids}: id {i!r} appears twice")
+                seen.add(i)
+            te = time.perf_counter()
+            x = batch.vectors if batch.vectors is not None else encoder.encode(batch.texts, batch_size=batch_size)  # type: ignore[union-attr]
+            encode_seconds += time.perf_counter() - te
+            for c, j, err in quantizer.encode_chunks(x):
+                cells.append(c)
+                codes.append(j)
+                drift.add(err)
+            new_ids.extend(batch.ids)
+            bar.update(len(batch.ids))
     if not new_ids and mode == "replace":
         raise IndexingError(f"{corpus or vectors}: no items to index")
     new_cells = torch.cat(cells) if cells else torch.zeros(0, dtype=torch.int64)

@@ -92,7 +92,12 @@ def load_item_encoder(artifact: str | Path, query: TextEncoder | None = None) ->
             f"{artifact}: holds no item encoder ({TOWER} missing: made before item towers shipped);"
             " index vectors instead of texts, or retrain"
         )
-    desc = read_json(root / TOWER, TOWER)
+    from index.errors import ArtifactError
+
+    try:
+        desc = read_json(root / TOWER, TOWER)
+    except ArtifactError as e:  # unreadable / not JSON: the same ValueError as a bad value
+        raise ValueError(str(e)) from None
     kind = desc.get("tower") if isinstance(desc, dict) else None
     if kind not in KINDS:
         raise ValueError(f"{TOWER}: field 'tower' must be one of {KINDS}, got {str(kind)[:40]!r}")

@@ -26,7 +26,7 @@ import numpy as np
 
 from index.drift import DriftStats, report
 from index.live import LiveIndex, replay
-from index.wal import Entry, WriteAheadLog, encode_vector
+from index.wal import Entry, WalBehind, WriteAheadLog, encode_vector
 
 log = logging.getLogger("jointpq.items")
 
@@ -52,6 +52,7 @@ class LiveSlot:
     item_encoder: Any = _UNSET
     encoder_lock: threading.Lock = field(default_factory=threading.Lock)
     updates: int = 0  # batches applied since load (logged here or replayed)
+    stale: bool = False  # the log was trimmed past this view: reload the compacted version
 
     def encoder_for_items(self, loaded: Any) -> Any | None:
         """The artifact's item tower (None when it has none: then only vectors are accepted)."""
@@ -160,7 +161,15 @@ class ItemWriter:
         slot: LiveSlot = loaded.live
         with self.lock:
             t0 = time.perf_counter()
-            missed, entry = self.wal.append(op, body, after=slot.view.applied_seq)
+            try:
+                missed, entry = self.wal.append(op, body, after=slot.view.applied_seq)
+            except WalBehind:
+                slot.stale = True  # follow_log reloads the compacted version on its next tick
+                raise ItemError(
+                    f"this worker serves {loaded.version}, older than a compaction another process made;"
+                    " it is reloading the compacted version: retry in a moment",
+                    status=503,
+                ) from None
             view = self._apply(loaded, slot.view, [*missed, entry])
             slot.view = view  # the swap: searches from here on see the batch
             slot.updates += 1 + len(missed)
@@ -183,9 +192,17 @@ class ItemWriter:
     # -- catching up: start-up, reload, other workers' writes ---------------------------------------
     def replay_all(self, loaded: Any) -> int:
         """Apply every logged record after the version's `applied_seq` (load time, in a worker
-        thread, before the artifact is served). Returns how many were applied."""
+        thread, before the artifact is served). Returns how many were applied. A version older
+        than the log's last trim (e.g. a model trained before a compaction) lacks the trimmed
+        records: said in its checks and the log, and the newer records are applied."""
         slot: LiveSlot = loaded.live
         entries = self.wal.read_all(after=slot.view.applied_seq)
+        if self.wal.trimmed_upto > slot.view.applied_seq:
+            gap = (f"item-log records {slot.view.applied_seq + 1}..{self.wal.trimmed_upto} were folded into a"
+                   " compacted version and are not in this one")  # fmt: skip
+            loaded.checks["log_gap"] = gap
+            log.warning("%s: %s", loaded.version, gap)
+            slot.view = slot.view.with_seq(self.wal.trimmed_upto)
         if entries:
             slot.view = self._apply(loaded, slot.view, entries)
             slot.updates += len(entries)
@@ -198,6 +215,9 @@ class ItemWriter:
         slot: LiveSlot = loaded.live
         with self.lock:
             entries = self.wal.read_new(after=slot.view.applied_seq)
+            if self.wal.trimmed_upto > slot.view.applied_seq:  # a gap: never apply past it
+                slot.stale = True
+                return 0
             if entries:
                 slot.view = self._apply(loaded, slot.view, entries)
                 slot.updates += len(entries)
@@ -247,7 +267,7 @@ async def follow_log(settings: Any, holder: Any, swap: Any) -> None:
             continue
         try:
             await asyncio.to_thread(holder.writer.catch_up, cur)
-            if holder.writer.wal.trimmed_upto > cur.live.view.applied_seq:
+            if cur.live.stale:
                 name = read_pointer(settings.artifact_root, settings.pointer_file)
                 if name and name != cur.name:
                     await swap(name, "log")

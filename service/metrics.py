@@ -95,7 +95,8 @@ class Metrics:
                 ("drift", "distortion_ratio"),
             ),
             "jointpq_drift_cells_max_over_mean": (
-                "largest coarse cell / mean cell size, live items", ("drift", "cells_now", "max_over_mean")
+                "largest coarse cell / mean cell size, live items",
+                ("drift", "cells_now", "max_over_mean"),
             ),
             "jointpq_drift_empty_cells": ("coarse cells with no live item", ("drift", "cells_now", "empty_cells")),
         }
