@@ -176,7 +176,7 @@ def indexing(args: argparse.Namespace, emit: Report) -> None:
     corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in zip(ids, texts, strict=True)))
     towers = [("hashed (128-d)", HashedNgramEncoder(dim=128))]
-    if minilm_available():
+    if "minilm-head" in args.towers and minilm_available():
         towers.append(("minilm-head (384-d)", HeadEncoder(MiniLMEncoder())))
     for name, enc in towers:
         enc.eval()
@@ -309,7 +309,7 @@ def updates(args: argparse.Namespace, emit: Report) -> None:
         t0 = time.perf_counter()
         v = view.upsert([f"d-{i}" for i in range(n_new)], extra[:n_new])
         build_s = time.perf_counter() - t0
-        emit({"event": "search", "delta": f"{share:.0%}", "backend": base.backend,
+        emit({"event": "search", "delta": f"{round(share * 100)} %", "backend": base.backend,
               "delta_build_seconds": round(build_s, 2), **latency_qps(v, xq, **measure)})  # fmt: skip
     dead = [f"item-{i}" for i in rng.choice(args.n, args.n // 100, replace=False)]
     v, _ = view.upsert([f"d-{i}" for i in range(args.n // 100)], extra[: args.n // 100]).delete(dead)
@@ -387,6 +387,7 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=0, help="SciFact corpus subset (0: all)")
     p.add_argument("--n", type=int, default=1_000_000, help="synthetic items (indexing, updates)")
     p.add_argument("--text-items", type=int, default=2000, help="texts indexed per tower (indexing)")
+    p.add_argument("--towers", nargs="+", default=["hashed", "minilm-head"], help="indexing: item towers timed")
     p.add_argument("--http-requests", type=int, default=200)
     p.add_argument("--seconds", type=float, default=3.0, help="per search measurement")
     p.add_argument("--threads", type=int, default=2)
@@ -395,7 +396,8 @@ def main() -> None:
     args = parse_args(
         p,
         tiny={"m": [8], "seeds": [0], "nlist": 16, "preset": "smoke", "train_seconds": 1.0, "queries": 60,
-              "docs": 600, "n": 20_000, "text_items": 300, "http_requests": 10, "seconds": 0.2, "threads": 1},
+              "docs": 600, "n": 20_000, "text_items": 300, "http_requests": 10, "seconds": 0.2, "threads": 1,
+              "towers": ["hashed"], "control": False},
     )  # fmt: skip
     if args.summarize:
         summarize([json.loads(ln) for f in args.summarize for ln in f.read_text().splitlines() if ln.startswith("{")])
