@@ -310,7 +310,7 @@ class IndexHolder:
         from .items import ItemWriter
 
         self.settings = settings
-        self.writer = ItemWriter(settings)  # the artifact root's live-update log, this worker's writes
+        self.writer = ItemWriter(settings, lambda: self.current)  # the root's item log, this worker's writes
         self.current: Loaded | None = None
         self.previous: Loaded | None = None
         self.lock = asyncio.Lock()  # one reload at a time; searches never take it

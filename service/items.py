@@ -88,8 +88,11 @@ class PreparedUpsert:
 class ItemWriter:
     """One per worker: the artifact root's log and the lock that orders this worker's writes."""
 
-    def __init__(self, settings: Any):
+    def __init__(self, settings: Any, current: Any = None):
         self.settings = settings
+        # the artifact served now (`holder.current`): a write that waited while a reload swapped
+        # artifacts is applied to the new one, which every later search uses
+        self.current = current or (lambda: None)
         self.wal = WriteAheadLog(settings.artifact_root, fsync=settings.wal_fsync)
         self.lock = threading.Lock()  # one write (append + apply) at a time in this process
 
@@ -142,7 +145,7 @@ class ItemWriter:
             "tower": loaded.live.tower,
         }
         entry, view = self._log_and_apply(loaded, "upsert", body)
-        return {"upserted": len(prepared.ids), "seq": entry.seq, "version": loaded.version, "items": view.n_live}
+        return {"upserted": len(prepared.ids), "seq": entry.seq, "version": view.version, "items": view.n_live}
 
     def delete(self, loaded: Any, ids: list[str]) -> dict[str, Any]:
         unique = list(dict.fromkeys(ids))
@@ -153,13 +156,20 @@ class ItemWriter:
             "deleted": len(unique) - len(unknown),
             "unknown": unknown,
             "seq": entry.seq,
-            "version": loaded.version,
+            "version": view.version,
             "items": view.n_live,
         }
 
     def _log_and_apply(self, loaded: Any, op: str, body: dict[str, Any]) -> tuple[Entry, LiveIndex]:
-        slot: LiveSlot = loaded.live
-        with self.lock:
+        with self.lock:  # swaps happen under this lock too (`swap_in`): `current()` is stable here
+            # a reload may have swapped artifacts while this write was validated and encoded: it goes
+            # to the one served now (texts encoded by another tower are encoded again by `replay`)
+            current = self.current() or loaded
+            if current.dim != loaded.dim:
+                raise ItemError(f"the served artifact changed to {current.dim} dims while this write waited: retry",
+                                status=409)  # fmt: skip
+            loaded = current
+            slot: LiveSlot = loaded.live
             t0 = time.perf_counter()
             try:
                 missed, entry = self.wal.append(op, body, after=slot.view.applied_seq)

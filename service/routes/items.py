@@ -64,8 +64,10 @@ async def _run(engine: Any, fn: Any, *args: Any) -> Any:
         return await loop.run_in_executor(engine.executor, fn, *args)
     except ItemError as e:
         raise ApiError(e.status, str(e), e.field) from None
-    except JointPQError as e:  # the log could not be written or read: nothing was acknowledged
+    except JointPQError as e:  # the log could not be read: nothing was acknowledged
         raise ApiError(503, f"item update not applied: {e}") from None
+    except OSError as e:  # the log could not be written (disk full, read-only, permissions)
+        raise ApiError(503, f"item update not applied: the item log cannot be written ({e.strerror or e})") from None
 
 
 def router(upsert_model: type[BaseModel], delete_model: type[BaseModel]) -> APIRouter:
