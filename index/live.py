@@ -25,7 +25,7 @@ on; `ids_of(rows)` maps them with the same view.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,27 +35,66 @@ from .build import assemble
 from .drift import DriftStats, cell_balance
 from .encode import Quantizer
 from .errors import SearchError
-from .ivfpq import IVFPQ
+from .ivfpq import IVFPQ, pack_codes
 from .loader import Index
 from .search import TorchSearcher, check_k_nprobe, check_queries
+
+FRESH_MIN = 2048  # the fresh tier is rebuilt on every write; folded into the sealed tier past this
+FRESH_SHARE = 8  # ... or past 1/8 of the sealed tier: amortised O(1) rebuild work per written item
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A searchable slice [start, end) of the delta's rows: an IVF-PQ of those rows sorted by cell
+    (`order[i]` = the delta row at searcher row i) with the base's quantizer."""
+
+    start: int
+    end: int
+    searcher: Any  # TorchSearcher (torch base: scans the base's probe) or FaissSearcher
+    order: torch.Tensor  # (end - start,) int64
 
 
 @dataclass(frozen=True)
 class Delta:
-    """New and replaced items in arrival order: ids, cells (n,), unpacked codes (n, M), and each
-    one's distortion (n,) for the drift report; `searcher` serves them sorted by cell."""
+    """New and replaced items, append-only: rows in arrival order with their cell (n,), unpacked
+    codes (n, M), distortion (n,) for the drift report, and a `dead` mask for rows replaced or
+    deleted since. `row` maps each live id to its row. Searched in two tiers so a write costs
+    O(its size + the fresh tier), not O(delta): `sealed` covers the old rows and is rebuilt
+    rarely (amortised), `fresh` the recent ones and is rebuilt on every write."""
 
-    ids: tuple[str, ...] = ()
+    row_ids: tuple[str, ...] = ()
     cells: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     codes: torch.Tensor | None = None
     err: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    searcher: Any = None  # TorchSearcher (torch base: scans the base's probe) or FaissSearcher
-    sorted_ids: np.ndarray | None = None  # ids in the searcher's row order
-    row: dict[str, int] = field(default_factory=dict)  # id -> position in `ids`
+    dead: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    row: dict[str, int] = field(default_factory=dict)  # live id -> row
+    sealed: Segment | None = None
+    fresh: Segment | None = None
+    _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # per segment, in its row order
 
     @property
     def n(self) -> int:
-        return len(self.ids)
+        """Live items in the delta."""
+        return len(self.row)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Live ids, in arrival order."""
+        return tuple(self.row)
+
+    @property
+    def alive(self) -> torch.Tensor:
+        return ~self.dead
+
+    def segments(self) -> list[Segment]:
+        return [s for s in (self.sealed, self.fresh) if s is not None]
+
+    def mask(self, seg: Segment) -> torch.Tensor | None:
+        """The segment's dead rows in its searcher's row order (None: none dead), computed once."""
+        if seg.start not in self._masks:
+            d = self.dead[seg.start : seg.end][seg.order]
+            self._masks[seg.start] = d if bool(d.any()) else None
+        return self._masks[seg.start]
 
 
 class LiveIndex:
@@ -157,35 +196,43 @@ class LiveIndex:
         applied_seq: int | None = None,
     ) -> LiveIndex:
         """As `upsert`, for items already quantized with this quantizer (cells (n,), codes (n, M))."""
-        new = set(ids)
-        dead = self._killed(new)
-        keep = [r for r, i in enumerate(self.delta.ids) if i not in new]
-        delta = self._delta_from(
-            tuple(self.delta.ids[r] for r in keep) + tuple(ids),
-            torch.cat([self.delta.cells[keep], cells.cpu().long()]),
-            torch.cat([self._delta_codes()[keep], codes.cpu().to(torch.uint8)]),
-            torch.cat([self.delta.err[keep], err.float().cpu()]),
+        d = self.delta
+        dead = self._killed(set(ids))
+        n0 = len(d.row_ids)
+        delta_dead = torch.cat([self._delta_dead_after(ids), torch.zeros(len(ids), dtype=torch.bool)])
+        row = dict(d.row)
+        row.update({i: n0 + j for j, i in enumerate(ids)})
+        delta = self._tiers(
+            Delta(
+                d.row_ids + tuple(ids),
+                torch.cat([d.cells, cells.cpu().long()]),
+                torch.cat([self._delta_codes(), codes.cpu().to(torch.uint8)]),
+                torch.cat([d.err, err.float().cpu()]),
+                delta_dead,
+                row,
+                d.sealed,
+                d.fresh,
+            )
         )
         return self._next(dead, delta, applied_seq)
 
     def delete(self, ids: Sequence[str], applied_seq: int | None = None) -> tuple[LiveIndex, list[str]]:
-        """Remove `ids`; returns (the new view, the ids that were not present: not an error)."""
-        gone = set(ids)
+        """Remove `ids`; returns (the new view, the ids that were not present: not an error).
+        No segment is rebuilt: deleted delta rows are masked like base rows."""
         unknown = [i for i in dict.fromkeys(ids) if not self.contains(i)]
-        dead = self._killed(gone)
-        delta = self.delta
-        if any(i in self.delta.row for i in gone):
-            keep = [r for r, i in enumerate(self.delta.ids) if i not in gone]
-            delta = self._delta_from(
-                tuple(self.delta.ids[r] for r in keep),
-                self.delta.cells[keep],
-                self._delta_codes()[keep],
-                self.delta.err[keep],
-            )
+        dead = self._killed(set(ids))
+        d = self.delta
+        gone = [i for i in dict.fromkeys(ids) if i in d.row]
+        delta = d
+        if gone:
+            row = {i: r for i, r in d.row.items() if i not in set(gone)} if len(gone) > 64 else dict(d.row)
+            for i in gone:
+                row.pop(i, None)
+            delta = Delta(d.row_ids, d.cells, d.codes, d.err, self._delta_dead_after(gone), row, d.sealed, d.fresh)
         return self._next(dead, delta, applied_seq), unknown
 
     def _killed(self, ids: set[str]) -> torch.Tensor | None:
-        """The tombstone mask with the base rows of `ids` added (a copy; None if still empty)."""
+        """The base tombstone mask with the base rows of `ids` added (a copy; None if still empty)."""
         base_row = self._base_row()
         rows = [base_row[i] for i in ids if i in base_row]
         if not rows:
@@ -194,14 +241,37 @@ class LiveIndex:
         dead[torch.tensor(rows, dtype=torch.int64)] = True
         return dead
 
+    def _delta_dead_after(self, ids: Sequence[str]) -> torch.Tensor:
+        """The delta's dead mask with the live rows of `ids` added (a copy when anything changes)."""
+        rows = [self.delta.row[i] for i in ids if i in self.delta.row]
+        if not rows:
+            return self.delta.dead
+        dead = self.delta.dead.clone()
+        dead[torch.tensor(rows, dtype=torch.int64)] = True
+        return dead
+
     def _delta_codes(self) -> torch.Tensor:
         return self.delta.codes if self.delta.codes is not None else torch.zeros(0, self.data.M, dtype=torch.uint8)
 
-    def _delta_from(self, ids: tuple[str, ...], cells: torch.Tensor, codes: torch.Tensor, err: torch.Tensor) -> Delta:
-        if not ids:
-            return Delta()
+    def _tiers(self, d: Delta) -> Delta:
+        """`d` with its search tiers brought up to its rows: the fresh tier rebuilt over the rows
+        after the sealed tier, or, once it outgrows FRESH_MIN and 1/FRESH_SHARE of the sealed tier,
+        everything sealed into one segment (the amortised O(delta) step)."""
+        n = len(d.row_ids)
+        sealed_end = d.sealed.end if d.sealed is not None else 0
+        if n - sealed_end > max(FRESH_MIN, sealed_end // FRESH_SHARE):
+            return replace(d, sealed=self._segment(d, 0, n), fresh=None, _masks={})
+        return replace(d, fresh=self._segment(d, sealed_end, n) if n > sealed_end else None, _masks={})
+
+    def _segment(self, d: Delta, start: int, end: int) -> Segment:
         b = self.data
-        seg = assemble(b.metric, b.rotation, b.centroids, b.codebooks, cells, codes, list(ids), b.nbits)
+        cells = d.cells[start:end]
+        order = torch.argsort(cells, stable=True)
+        offsets = torch.zeros(b.nlist + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(torch.bincount(cells, minlength=b.nlist), 0)
+        ids = np.empty(end - start, dtype=object)  # the searchers never read ids: rows map through `order`
+        seg = IVFPQ(b.metric, b.rotation, b.centroids, b.codebooks, pack_codes(d.codes[start:end][order], b.nbits),
+                    offsets, ids, b.nbits)  # fmt: skip
         searcher: Any
         if self.backend == "faiss":
             # Faiss scans the delta as it scans the base: the same quantizer (same centroids, same
@@ -212,7 +282,7 @@ class LiveIndex:
             searcher = FaissSearcher(seg, fast_scan=False)
         else:  # flat candidate lists: a delta has few items per cell, the per-cell loop would dominate
             searcher = TorchSearcher(seg, device=self.device, strategy="pairs")
-        return Delta(ids, cells, codes, err, searcher, seg.ids, {i: r for r, i in enumerate(ids)})
+        return Segment(start, end, searcher, order)
 
     def _next(self, dead: torch.Tensor | None, delta: Delta, applied_seq: int | None) -> LiveIndex:
         seq = self.applied_seq if applied_seq is None else applied_seq
@@ -235,14 +305,22 @@ class LiveIndex:
         check_k_nprobe(k, nprobe)
         searcher = self.base.searcher
         s_b, r_b = searcher.search_rows(queries, k, nprobe, dead=self.dead)  # type: ignore[call-arg]
-        if self.delta.searcher is None or len(queries) == 0:
+        segments = self.delta.segments()
+        if not segments or len(queries) == 0:
             return s_b, r_b
-        if isinstance(self.delta.searcher, TorchSearcher):  # exactly the cells the base scanned
-            s_d, r_d = self.delta.searcher.search_rows(queries, k, nprobe, probe=searcher.probe(queries, nprobe))  # type: ignore[attr-defined]
-        else:
-            s_d, r_d = self.delta.searcher.search_rows(queries, k, nprobe)
-        r_d = np.where(r_d >= 0, r_d + self.data.n, -1)
-        s, r = np.concatenate([s_b, s_d], 1), np.concatenate([r_b, r_d], 1)
+        parts_s, parts_r = [s_b], [r_b]
+        probe = None
+        for seg in segments:
+            dead = self.delta.mask(seg)
+            if isinstance(seg.searcher, TorchSearcher):  # exactly the cells the base scanned
+                probe = probe if probe is not None else searcher.probe(queries, nprobe)  # type: ignore[attr-defined]
+                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead, probe=probe)
+            else:
+                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead)
+            rows = seg.order.numpy()[np.clip(r_d, 0, None)] + seg.start + self.data.n
+            parts_s.append(s_d)
+            parts_r.append(np.where(r_d >= 0, rows, -1))
+        s, r = np.concatenate(parts_s, 1), np.concatenate(parts_r, 1)
         key = -s if self.data.metric == "ip" else s  # ascending sort key, ties: base first
         order = np.argsort(key, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
@@ -251,12 +329,12 @@ class LiveIndex:
         """Item ids of non-negative `rows` from `search_rows` of this same view."""
         rows = np.asarray(rows)
         n = self.data.n
-        if self.delta.sorted_ids is None or not (rows >= n).any():
+        high = rows >= n
+        if not high.any():
             return self.base.data.ids[rows]
         out = np.empty(rows.shape, dtype=object)
-        low = rows < n
-        out[low] = self.base.data.ids[rows[low]]
-        out[~low] = self.delta.sorted_ids[rows[~low] - n]
+        out[~high] = self.base.data.ids[rows[~high]]
+        out[high] = [self.delta.row_ids[r - n] for r in rows[high].tolist()]
         return out
 
     def search(self, queries, k: int = 10, nprobe: int | None = None) -> tuple[list[np.ndarray], list[list[str]]]:
@@ -276,12 +354,12 @@ class LiveIndex:
         if self.dead is not None:
             sizes -= torch.bincount(self._base_cells()[self.dead], minlength=self.data.nlist)
         if self.delta.n:
-            sizes += torch.bincount(self.delta.cells, minlength=self.data.nlist)
+            sizes += torch.bincount(self.delta.cells[self.delta.alive], minlength=self.data.nlist)
         return sizes
 
     def drift_stats(self) -> DriftStats:
         stats = DriftStats()
-        stats.add(self.delta.err)
+        stats.add(self.delta.err[self.delta.alive])
         return stats
 
     def stats(self) -> dict[str, Any]:
@@ -299,9 +377,11 @@ class LiveIndex:
         searching it gives the same results as searching this view."""
         b = self.data
         alive = ~self.dead if self.dead is not None else torch.ones(b.n, dtype=torch.bool)
-        cells = torch.cat([self._base_cells()[alive], self.delta.cells])
-        codes = torch.cat([b.unpacked_codes()[alive], self._delta_codes()])
-        ids = [str(i) for i in b.ids[alive.numpy()]] + list(self.delta.ids)
+        keep = self.delta.alive
+        cells = torch.cat([self._base_cells()[alive], self.delta.cells[keep]])
+        codes = torch.cat([b.unpacked_codes()[alive], self._delta_codes()[keep]])
+        ids = [str(i) for i in b.ids[alive.numpy()]]
+        ids += [i for i, k in zip(self.delta.row_ids, keep.tolist(), strict=True) if k]
         return assemble(b.metric, b.rotation, b.centroids, b.codebooks, cells, codes, ids, b.nbits)
 
 

@@ -72,6 +72,9 @@ class PoeemConfig(SupervisedConfig):
     temperature: float = option(0.05, "in-batch softmax temperature on cosine scores")
     hard_negatives: int = option(1, "per query, mined from the current index each epoch")
     hard_pool: int = option(50, "mine among the top-`hard_pool` retrieved, positives excluded")
+    catalog_items: int = option(
+        0, "random corpus items per step in the distortion loss (0: only the batch's items, as Poeem)"
+    )
 
     def encoder_refusal(self) -> str:
         return "unknown encoder"
@@ -176,6 +179,11 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
                 item_enc.embed([data.corpus[d] for _, d in batch] + [data.corpus[d] for d in negs])
             )
             loss_r = contrastive(q, items[: len(batch)], items[len(batch) :], cfg.temperature)
+            if cfg.catalog_items and bool(layer.initialized):  # the quantizer fits the catalog, not only positives
+                _, catalog_distortion = layer(
+                    item_enc.embed(rng.sample(doc_texts, min(cfg.catalog_items, len(doc_texts))))
+                )
+                distortion = (distortion + catalog_distortion) / 2
             loss = loss_r + cfg.distortion_weight * distortion
             row = {"step": step, "retrieval": loss_r.item(), "distortion": distortion.item()}
             if distill is not None:

@@ -473,3 +473,45 @@ def test_replay_of_deletes_of_unknown_ids_is_a_no_op(tmp_path: Path, backend: st
     assert i1 == i0
     for a, b in zip(s1, s0, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_two_tier_delta_across_many_writes_equals_its_compaction(
+    backend: str, metric: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tiny fresh tier (FRESH_MIN 4), 40 small writes seal the delta several times while
+    replacing and deleting items in both tiers: every view searches like its own compaction, and
+    the delta's live ids, counts and per-cell sizes follow the writes."""
+    import index.live as live_mod
+
+    monkeypatch.setattr(live_mod, "FRESH_MIN", 4)
+    rng = np.random.default_rng(5)
+    _, xn = _vectors()
+    view = live(_base(metric, backend))
+    want: dict[str, int] = {}  # live delta id -> row of xn it holds
+    sealings = 0
+    for step in range(40):
+        ids = [f"t{int(j)}" for j in rng.integers(0, 25, 3)]
+        ids = list(dict.fromkeys(ids))
+        rows = rng.integers(0, len(xn), len(ids))
+        before = view.delta.sealed
+        view = view.upsert(ids, xn[rows])
+        sealings += view.delta.sealed is not before
+        want.update(zip(ids, rows.tolist(), strict=True))
+        if step % 5 == 4:
+            gone = [i for i in list(want)[:2]] + [f"b{step}"]
+            view, _ = view.delete(gone)
+            for i in gone:
+                want.pop(i, None)
+        assert set(view.delta.ids) == set(want) and view.delta.n == len(want)
+    assert sealings >= 3
+    assert int(view.cell_sizes().sum()) == view.n_live
+    compact = Index.in_memory(view.compacted(), backend=backend)
+    queries = xn[:20]
+    _, got = view.search(queries, k=50, nprobe=NLIST)
+    _, ref = compact.search(queries, k=50, nprobe=NLIST)
+    for g, r in zip(got, ref, strict=True):
+        assert g[:40] == r[:40] or sorted(g[:40]) == sorted(r[:40])
+    for i, r in want.items():  # every live delta item is found by its own vector, once
+        _, hits = view.search(xn[r][None], k=view.n_live, nprobe=NLIST)
+        assert hits[0].count(i) == 1
