@@ -89,7 +89,7 @@ def unseen(args: argparse.Namespace, emit: Report) -> None:
         for seed in args.seeds:
             base = {"M": M, "seed": seed}
             choice = choose(data)
-            values = {"M": M, "nlist": args.nlist, "seed": seed, **choice.values}
+            values = {"M": M, "nlist": args.nlist, "seed": seed, **choice.values, **dict(args.set or [])}
             if args.train_seconds:
                 values["max_seconds"] = args.train_seconds
             # 1. the model trained on all items (the reference)
@@ -383,6 +383,10 @@ def main() -> None:
         help="unseen: skip the control row (all items, the 80 %% run's labels: fewer labels vs unseen items)",
     )  # fmt: skip
     p.add_argument("--train-seconds", type=float, help="cap on each training run")
+    p.add_argument(
+        "--set", nargs="+", type=lambda kv: (kv.split("=")[0], json.loads(kv.split("=", 1)[1])), metavar="KEY=JSON",
+        help="unseen: config values for every training run (e.g. catalog_items=64)",
+    )  # fmt: skip
     p.add_argument("--queries", type=int, default=0)
     p.add_argument("--docs", type=int, default=0, help="SciFact corpus subset (0: all)")
     p.add_argument("--n", type=int, default=1_000_000, help="synthetic items (indexing, updates)")

@@ -75,31 +75,28 @@ def router(upsert_model: type[BaseModel], delete_model: type[BaseModel]) -> APIR
     r = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
     compacting = asyncio.Lock()  # one compaction at a time per app (each writes a version)
 
-    async def upsert_items(
-        request: Request, holder: HolderDep, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
-    ) -> Response:
-        req = await _parse(request, upsert_model, "items", settings.max_batch)
+    async def write(request: Request, holder: Any, engine: Any, settings: Any, metrics: Any, op: str) -> Response:
+        """Parse, then run the writer's `op` in the engine's pool; counted and timed by op."""
+        model, many, done = (upsert_model, "items", "upserted") if op == "upsert" else (delete_model, "ids", "deleted")
+        req = await _parse(request, model, many, settings.max_batch)
         if isinstance(req, Response):
             return req
         loaded = _loaded(holder)
         t0 = time.perf_counter()
-        out = await _run(engine, holder.writer.upsert, loaded, req.items)
-        metrics.item_updates.labels("upsert").inc(out["upserted"])
+        out = await _run(engine, getattr(holder.writer, op), loaded, getattr(req, many))
+        metrics.item_updates.labels(op).inc(out[done])
         metrics.item_update_latency.observe(time.perf_counter() - t0)
         return json_response(out)
+
+    async def upsert_items(
+        request: Request, holder: HolderDep, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
+    ) -> Response:
+        return await write(request, holder, engine, settings, metrics, "upsert")
 
     async def delete_items(
         request: Request, holder: HolderDep, engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
     ) -> Response:
-        req = await _parse(request, delete_model, "ids", settings.max_batch)
-        if isinstance(req, Response):
-            return req
-        loaded = _loaded(holder)
-        t0 = time.perf_counter()
-        out = await _run(engine, holder.writer.delete, loaded, req.ids)
-        metrics.item_updates.labels("delete").inc(out["deleted"])
-        metrics.item_update_latency.observe(time.perf_counter() - t0)
-        return json_response(out)
+        return await write(request, holder, engine, settings, metrics, "delete")
 
     async def compact(holder: HolderDep, settings: SettingsDep, metrics: MetricsDep) -> Response:
         async with compacting:
