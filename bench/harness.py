@@ -71,7 +71,7 @@ def batching_env(mode: Batching) -> dict[str, str]:
 
 def served_batching(settings: Mapping[str, Any]) -> Batching:
     """The mode a server really runs, from `/info`'s public settings: the app uses the batcher
-    whenever `batching` is on, and inline vector search only without it (service/app.py)."""
+    whenever `batching` is on, and inline vector search only without it (service/engine.py)."""
     if "engine_mode" in settings:  # the server says which path it takes (newer servers)
         return batching_mode(settings["engine_mode"])
     on, inline = settings.get("batching"), settings.get("inline_vector_search")
