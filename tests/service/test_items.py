@@ -565,7 +565,7 @@ def test_a_write_racing_a_reload_is_seen_by_the_next_search(root, serve):
         max_k=MAX_K,
     )  # fmt: skip
     words = " ".join(f"w{j}" for j in np.random.default_rng(90).integers(0, 10**6, 300_000))
-    big = [f"doc{i} {words}" for i in range(3)]  # 2.4 MB each: most of a second of n-gram hashing each
+    big = [f"doc{i} {words}" for i in range(8)]  # 2.4 MB each: most of a second of n-gram hashing each
     probe = np.random.default_rng(91).standard_normal(32).astype(np.float32)
     items = [{"id": "probe", "vector": probe.tolist()}] + [{"id": f"big{i}", "text": t} for i, t in enumerate(big)]
 
