@@ -18,8 +18,8 @@ is not an option. Here:
 so a search that took one sees a write completely or not at all. The delta is append-only and
 searched in two tiers: a `fresh` segment rebuilt on every write and a `sealed` one rebuilt only
 when the fresh tier outgrows max(FRESH_MIN, sealed / FRESH_SHARE), so a write costs its own size
-plus the fresh tier (amortised O(1) per item), not the whole delta: measured 8 ms for one item on a
-100k-item delta (bench/live.py), most of it copying the id map. `compacted()` folds everything
+plus the fresh tier (amortised O(1) per item), not the whole delta: measured 2.4 ms for one item on
+a 100k-item delta (bench/live.py), mostly the O(n) tensor concatenations. `compacted()` folds everything
 into a plain `IVFPQ` (`jointpq compact`), which keeps search at the base's speed.
 
 Row numbers returned by `search_rows` are base rows in [0, n_base) and delta rows from n_base
