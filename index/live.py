@@ -52,7 +52,7 @@ class RowMap(Mapping[str, int]):
     """Live delta id -> row: the map fixed when the delta was last sealed (`base`, shared by every
     later view), overlaid by a small map of the rows written since (`top`); a row the dead mask
     marks is not live. A write copies only `top`, so it costs O(batch + fresh tier) however large
-    the delta (copying one 100k-entry dict per write was most of an 8 ms write)."""
+    the delta (copying the whole 100k-entry map on each write cost ~2 ms of an 8 ms write)."""
 
     __slots__ = ("base", "dead", "size", "top")
 
