@@ -100,13 +100,16 @@ class Quantizer:
     @torch.no_grad()
     def encode(self, x: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, d) embeddings -> cells (n,) int64 and codes (n, M) uint8 on the CPU, `chunk` rows at a time."""
-        cells, codes = [], []
-        for c, j, _ in self.encode_chunks(x, chunk):
-            cells.append(c)
-            codes.append(j)
-        if not cells:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.M, dtype=torch.uint8)
-        return torch.cat(cells), torch.cat(codes)
+        cells, codes, _ = self.encode_with_error(x, chunk)
+        return cells, codes
+
+    @torch.no_grad()
+    def encode_with_error(self, x: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As `encode`, plus each row's squared distortion (n,) (the drift report's input)."""
+        parts = list(self.encode_chunks(x, chunk))
+        if not parts:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, self.M, dtype=torch.uint8), torch.zeros(0)
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
     @torch.no_grad()
     def encode_chunks(
@@ -131,5 +134,4 @@ class Quantizer:
     @torch.no_grad()
     def distortion(self, x: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
         """(n, d) embeddings -> (n,) squared quantization error ||x' - x_hat'||^2 (float32, CPU)."""
-        parts = [err for _, _, err in self.encode_chunks(x, chunk)]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return self.encode_with_error(x, chunk)[2]

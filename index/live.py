@@ -230,9 +230,7 @@ class LiveIndex:
         x = torch.as_tensor(np.asarray(vectors, dtype=np.float32) if not isinstance(vectors, torch.Tensor) else vectors)
         if x.ndim != 2 or x.shape[0] != len(ids) or x.shape[1] != self.data.d:
             raise SearchError(f"upsert: expected ({len(ids)}, {self.data.d}) vectors, got {tuple(x.shape)}")
-        cells, codes = self.quantizer.encode(x.float())
-        err = ((self.quantizer.rotate(x.float()) - self.quantizer.decode_rotated(cells, codes)) ** 2).sum(1).cpu()
-        return self.upsert_encoded(ids, cells, codes, err, applied_seq)
+        return self.upsert_encoded(ids, *self.quantizer.encode_with_error(x.float()), applied_seq)
 
     def upsert_encoded(
         self,

@@ -149,8 +149,7 @@ class ItemWriter:
 
     def delete(self, loaded: Any, ids: list[str]) -> dict[str, Any]:
         unique = list(dict.fromkeys(ids))
-        entry, view, unknown = None, loaded.live.view, []
-        unknown = [i for i in unique if not view.contains(i)]
+        unknown = [i for i in unique if not loaded.live.view.contains(i)]
         entry, view = self._log_and_apply(loaded, "delete", {"ids": unique})
         return {
             "deleted": len(unique) - len(unknown),
