@@ -69,6 +69,11 @@ class CommonConfig:
         None, "k-means iterations of the two-step start (None: Faiss's 10 coarse / 25 PQ)"
     )
     canary_margin: float = option(0.8, "a later reload must reach this share of the canary recall measured now")
+    encoder_precision: str = option(
+        "fp32",
+        "the query tower's ONNX graph the service runs: int8 ~2x faster on CPU; its nDCG cost is in docs/benchmarks.md",
+        choices=("fp32", "int8"),
+    )
 
     def resolve(self) -> CommonConfig:
         """A copy with encoder-dependent Nones filled in, then validated."""

@@ -119,11 +119,13 @@ def index_catalog(
     device: str = "auto",
     progress: bool = True,
     encoder: Any = None,
+    runtime: str = "auto",
 ) -> tuple[Path, dict[str, Any]]:
     """Index `corpus` (texts) or `vectors` + `ids` with `artifact`'s frozen model into a new
     artifact `out`; returns (out, the manifest's `indexed` record). See the module docstring.
     `encoder`: the artifact's item tower already loaded (e.g. a head tower whose frozen base
-    reads a cache of base embeddings); default: `model.towers.load_item_encoder(artifact)`."""
+    reads a cache of base embeddings); default: `model.towers.load_item_encoder(artifact)` on
+    `runtime` ("auto": ONNX Runtime for MiniLM on the CPU, see `model.onnx_runtime`)."""
     from tqdm.auto import tqdm
 
     from index.search import resolve_device
@@ -142,7 +144,9 @@ def index_catalog(
     if corpus is not None:
         from .towers import load_item_encoder
 
-        encoder = (encoder if encoder is not None else load_item_encoder(artifact)).to(dev).eval()
+        if encoder is None:  # runtime: ONNX Runtime where it is faster (`model.onnx_runtime`), float32
+            encoder = load_item_encoder(artifact, runtime=runtime, device=dev)
+        encoder = encoder.to(dev).eval()
         if encoder.dim != parent.d:
             raise IndexingError(f"{artifact}: the item tower outputs {encoder.dim} dims, the index has {parent.d}")
         batches = corpus_batches(Path(corpus), chunk)

@@ -113,7 +113,8 @@ def write_trained_artifact(
         "query_encoder": result.query_encoder.config(),
         "applied_seq": 0,  # the live-update log entries folded in (service/items, jointpq compact)
     }
-    extra, training["item_encoder"] = tower_files(result.query_encoder, result.item_encoder)
+    extra, training["item_encoder"] = tower_files(result.query_encoder, result.item_encoder, onnx=cfg.encoder_precision)
+    training["encoder_precision"] = cfg.encoder_precision if "encoder/onnx.json" in extra else "fp32"
     if result.item_embeddings is not None and result.item_ids is not None:
         from index.drift import baseline
 

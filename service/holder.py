@@ -184,7 +184,8 @@ class Loaded:
             "created": m.created if m else None,
             "mode": training.get("mode"),
             "metrics": training.get("metrics"),
-            "encoder": self.encoder.config() if self.encoder is not None else None,
+            "encoder": None if self.encoder is None else self.encoder.config() | {"serving": describe(self.encoder)},
+            "encoder_precision": training.get("encoder_precision", "fp32") if self.encoder is not None else None,
             "device": str(self.index.device),
             "backend": self.index.backend,
             "loaded_at": self.loaded_at,
@@ -196,6 +197,17 @@ class Loaded:
             "indexed": training.get("indexed"),
             "compacted": training.get("compacted"),
         }
+
+
+def describe(encoder: Any) -> dict[str, Any]:
+    """What runs the encoder now: the ONNX attach record (runtime, precision, probe cosine) or torch."""
+    from model.onnx_runtime import describe as runtime_of
+
+    return runtime_of(encoder) or {"runtime": "torch"}
+
+
+def encoder_threads(settings: Settings) -> int | None:
+    return settings.encoder_threads or settings.torch_threads
 
 
 def shown(name: str, limit: int = 80) -> str:
@@ -237,11 +249,14 @@ def _load_candidate(settings: Settings, name: str) -> Loaded:
         try:
             from model.encoders import load_encoder
 
-            encoder = load_encoder(path).to(index.device)  # on CUDA the encoder runs there too
+            encoder = load_encoder(  # on CUDA the encoder runs there too
+                path, runtime=settings.encoder_runtime, device=index.device, threads=encoder_threads(settings)
+            )
         except Exception as e:
             raise ReloadRefused(422, f"refused: artifact {shown(name)} has an unusable query encoder: {e}") from None
         if encoder.dim != index.data.d:
             raise ReloadRefused(422, f"refused: encoder outputs {encoder.dim} dims, the index has {index.data.d}")
+        checks["encoder"] = describe(encoder)
     cache = (
         QueryCache(settings.query_cache_size, settings.query_cache_bytes)
         if encoder is not None and settings.query_cache_size and settings.query_cache_bytes

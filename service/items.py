@@ -62,8 +62,13 @@ class LiveSlot:
                     from model.towers import NoItemTower, load_item_encoder
 
                     try:
-                        enc = load_item_encoder(loaded.path, query=loaded.encoder)
-                        self.item_encoder = enc.to(loaded.index.device).eval()
+                        # the runtime and threads the service asked for its query tower
+                        asked = getattr(loaded.encoder, "runtime_info", None) or {}
+                        enc = load_item_encoder(
+                            loaded.path, query=loaded.encoder, device=loaded.index.device,
+                            runtime=asked.get("requested", "torch"), threads=asked.get("threads"),
+                        )  # fmt: skip
+                        self.item_encoder = enc.eval()
                     except NoItemTower:
                         self.item_encoder = None
         return self.item_encoder

@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     backend: Literal["auto", "torch", "faiss"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
     search_threads: int = Field(1, ge=1, le=64, description="worker threads running encode + search")
+    encoder_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto",
+        description="query encoder engine: auto = ONNX Runtime where it measured faster (MiniLM on CPU) and the "
+        "artifact ships a graph that checks out, else torch; onnx = refuse an artifact whose graph cannot serve",
+    )
+    encoder_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads (default: torch_threads, else one per core)"
+    )
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
