@@ -161,7 +161,7 @@ def quality(args: argparse.Namespace, emit: Report) -> None:
             m = metrics([[doc_ids[r] for r in row] for row in rows_], [qrels[t] for t in test_q])
             name = "torch" if runtime == "torch" else f"onnx {precision}"
             emit({"part": "quality", "model": "exact float (MiniLM)", "M": None, "seed": None, "runtime": name,
-                  "nprobe": None, **m})  # fmt: skip
+                  "serving": (enc.runtime_info or {}).get("runtime", "torch"), "nprobe": None, **m})  # fmt: skip
 
 
 def line(row: dict) -> str | None:

@@ -111,6 +111,7 @@ class Service:
     def __init__(
         self, root: Path, *, workers: int = 1, batching: Batching, token: str, version: str | None = None,
         torch_threads: int | None = None, watch: bool = False, ready_timeout_s: float = 300,
+        env: Mapping[str, str] | None = None,
     ):  # fmt: skip
         self.requested: Batching = batching_mode(batching)
         self.batching: Batching | None = None
@@ -118,6 +119,7 @@ class Service:
         self.ready_timeout_s = ready_timeout_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        extra = env
         env = {
             **os.environ,
             **batching_env(self.requested),
@@ -134,6 +136,7 @@ class Service:
             env["JOINTPQ_WATCH"], env["JOINTPQ_WATCH_INTERVAL_S"] = "true", "0.5"
         if torch_threads:  # torch's default is one thread per core in every worker process
             env["JOINTPQ_TORCH_THREADS"] = str(torch_threads)
+        env.update(extra or {})  # further JOINTPQ_* settings of the run (encoder runtime, cache, batcher)
         # stderr to a file, not a pipe: an undrained pipe fills at 64 KB and stalls the server mid-measurement
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 -- lives as long as the server, closed in __exit__
         self.proc = subprocess.Popen([bin_path("jointpq"), "serve"], env=env, stderr=self.log)

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -210,6 +211,44 @@ def engine_qps(root: Path, version: str, nprobe: int, seconds: float = 5.0) -> d
     return out
 
 
+def service_env(args: argparse.Namespace) -> dict[str, str]:
+    """The run's JOINTPQ_* settings beyond the harness's: encoder runtime, query cache, batcher."""
+    env = {"JOINTPQ_ENCODER_RUNTIME": args.encoder_runtime}
+    if not args.query_cache:  # every text is encoded: unique queries, whatever the pool repeats
+        env["JOINTPQ_QUERY_CACHE_SIZE"] = "0"
+    if args.batch_wait_ms is not None:
+        env["JOINTPQ_BATCH_WAIT_MS"] = str(args.batch_wait_ms)
+    if args.batch_max_queries is not None:
+        env["JOINTPQ_BATCH_MAX_QUERIES"] = str(args.batch_max_queries)
+    return env
+
+
+def encoder_qps(root: Path, version: str, runtime: str, threads: int | None, seconds: float) -> dict:
+    """In-process, no HTTP: the served artifact's query tower on the same runtime, over the text
+    pool (texts never repeat within a timed call), one query per call and batches of 64."""
+    import torch
+
+    from model.encoders import load_encoder
+
+    if threads:
+        torch.set_num_threads(threads)
+    enc = load_encoder(root / version, runtime=runtime, threads=threads)
+    texts = pool_texts()
+
+    def loop(batch: int) -> float:
+        n, i, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            chunk = [texts[(i + j) % len(texts)] for j in range(batch)]
+            enc.encode(chunk, batch_size=batch)
+            n, i = n + batch, i + batch
+        return n / (time.perf_counter() - t0)
+
+    loop(1)  # warm-up
+    serving = enc.runtime_info or {}
+    return {"encoder_qps_batch1": loop(1), "encoder_qps_batch64": loop(64),
+            "encoder_runtime": serving.get("runtime"), "encoder_precision": serving.get("precision")}  # fmt: skip
+
+
 def synthetic_root(n: int) -> Path:
     """artifacts/bench-<n>: a two-step IVF-PQ artifact over seeded synthetic vectors (built once)."""
     from index import build_ivfpq, write_artifact
@@ -226,18 +265,22 @@ def synthetic_root(n: int) -> Path:
     return root
 
 
-def run_one(args: argparse.Namespace, root: Path, version: str, versions: list[str], token: str, tmp: Path,
-            client: str, workers: int, mode: Batching, users: int) -> tuple[list[dict], list, Batching]:  # fmt: skip
+def run_one(
+    args: argparse.Namespace, root: Path, version: str, versions: list[str], token: str, tmp: Path,
+    client: str, workers: int, mode: Batching, users: int,
+) -> tuple[list[dict], list, Batching, Any]:  # fmt: skip
     """A fresh service, warmed if asked, `client` against it (hot reloads meanwhile if asked).
-    Returns the client's stats, the reload log and the batching mode the service reported in /info."""
+    Returns the client's stats, the reload log, the batching mode the service reported in /info
+    and what /info says runs its query encoder."""
     from index.pointer import publish
 
     by_pointer = args.reload_every is not None and args.reload_via == "pointer"
     with Service(
         root, workers=workers, batching=mode, token=token, version=version, torch_threads=args.torch_threads,
-        watch=by_pointer,
+        watch=by_pointer, env=service_env(args),
     ) as svc:  # fmt: skip
         served = svc.batching
+        encoder = ((svc.info.get("artifact") or {}).get("encoder") or {}).get("serving")
         if args.warm_cache:
             warm(svc.url, workers)
         stop, log = threading.Event(), []
@@ -259,7 +302,7 @@ def run_one(args: argparse.Namespace, root: Path, version: str, versions: list[s
                 t.join()
             if by_pointer:
                 publish(root, version)  # leave the root as it was
-    return stats, log, served
+    return stats, log, served, encoder
 
 
 def main() -> int:
@@ -290,6 +333,15 @@ def main() -> int:
         "--warm-cache", action="store_true", help="send every query text once before the run (steady-state cache)"
     )
     p.add_argument("--engine-seconds", type=float, default=5.0, help="time per in-process engine QPS sample")
+    p.add_argument(
+        "--encoder-runtime", choices=("auto", "torch", "onnx"), default="auto", help="JOINTPQ_ENCODER_RUNTIME"
+    )
+    p.add_argument(
+        "--query-cache", action=argparse.BooleanOptionalAction, default=True,
+        help="--no-query-cache: JOINTPQ_QUERY_CACHE_SIZE=0, every text query is encoded (unique queries)",
+    )  # fmt: skip
+    p.add_argument("--batch-wait-ms", type=float, help="JOINTPQ_BATCH_WAIT_MS (default: the service's)")
+    p.add_argument("--batch-max-queries", type=int, help="JOINTPQ_BATCH_MAX_QUERIES (default: the service's)")
     p.add_argument("--json-out", type=Path)
     args = parse_args(p, tiny={"users": [4], "seconds": 2, "engine_seconds": 0.2})
     if "wrk" in args.client and (args.rate or args.mix == "mixed"):
@@ -302,6 +354,8 @@ def main() -> int:
     token = secrets.token_hex(16)
     report = Report(as_json=True)
     engine = engine_qps(root, version, args.nprobe, args.engine_seconds)
+    if args.mix == "text":  # the text path's own limit: the encoder in process, same runtime, same run
+        engine |= encoder_qps(root, version, args.encoder_runtime, args.torch_threads, args.engine_seconds)
     report({"event": "engine", "version": version, "nprobe": args.nprobe, **engine})
     modes = parse_modes(args.batching)
     results = []
@@ -309,12 +363,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         configs = [(c, w, m, u) for c in args.client for w in args.workers for m in modes for u in args.users]
         for client, workers, mode, users in configs:
-            stats, log, served = run_one(args, root, version, versions, token, Path(tmp), client, workers, mode, users)
+            stats, log, served, encoder = run_one(
+                args, root, version, versions, token, Path(tmp), client, workers, mode, users
+            )
             for s in stats:  # batching: what the service reported in /info, not what was asked for
                 row = {"client": client, "workers": workers, "batching": served, "users": users, "mix": args.mix,
                        "artifact": f"{root.name}/{version}", "warm_cache": args.warm_cache,
                        "rate_per_user": args.rate,
-                       "query_cache": os.environ.get("JOINTPQ_QUERY_CACHE_SIZE", "default"), **s}  # fmt: skip
+                       "query_cache": args.query_cache and os.environ.get("JOINTPQ_QUERY_CACHE_SIZE", "default"),
+                       "encoder": encoder, "batch_wait_ms": args.batch_wait_ms,
+                       "batch_max_queries": args.batch_max_queries, **s}  # fmt: skip
+                if "encoder_qps_batch64" in engine:  # share of the encoder's in-process batched throughput
+                    row["of_encoder_batch64"] = s["rps"] / engine["encoder_qps_batch64"]
                 if args.reload_every:
                     row["reloads"] = len(log)
                     row["reloads_ok"] = sum(code == 200 for _, code in log)
@@ -322,16 +382,22 @@ def main() -> int:
                 report(row)
                 if s["name"] == "Aggregated" or client == "wrk":
                     failed += s["failures"] + (row.get("reloads", 0) - row.get("reloads_ok", 0))
-    header = ("client", "workers", "batching", "users", "endpoint", "RPS", "p50 / p95 / p99 ms", "failures")
+    header = ("client", "workers", "batching", "users", "endpoint", "RPS", "p50 / p95 / p99 ms", "failures",
+              "of encoder b64")  # fmt: skip
     shown = [r for r in results if r["name"] != "/info" and (r["name"] != "Aggregated" or args.mix == "mixed")]
     print("\n" + markdown_table(header, [
         (r["client"], r["workers"], r["batching"], r["users"], r["name"], f"{r['rps']:.0f}",
-         f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}", r["failures"])
+         f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} / {r['p99_ms']:.1f}", r["failures"],
+         f"{r['of_encoder_batch64']:.0%}" if "of_encoder_batch64" in r else "-")
         for r in shown
     ]))  # fmt: skip
     print(f"\nin-process engine, nprobe {args.nprobe}: {engine['engine_qps_batch1']:.0f} QPS single queries "
           f"(one caller), {engine['engine_qps_batch1_2threads']:.0f} (two threads), "
           f"{engine['engine_qps_batch64']:.0f} in batches of 64")  # fmt: skip
+    if "encoder_qps_batch64" in engine:
+        print(f"in-process query encoder ({engine['encoder_runtime']} {engine['encoder_precision']}):"
+              f" {engine['encoder_qps_batch1']:.0f} q/s one at a time, {engine['encoder_qps_batch64']:.0f} in batches"
+              " of 64")  # fmt: skip
     if args.json_out:
         args.json_out.write_text(json.dumps({"engine": engine, "runs": results}, indent=1))
     if args.reload_every and failed:

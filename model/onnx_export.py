@@ -222,7 +222,7 @@ def quantize_int8(net: TextEncoder) -> bytes:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folded = export_graph(net, fold_constants=True)
-    logging.disable(logging.INFO)  # the quantizer logs every tensor it skips on the root logger
+    logging.disable(logging.WARNING)  # the quantizer logs every tensor it skips (and advice) on the root logger
     try:
         with tempfile.TemporaryDirectory(prefix="jointpq-int8-") as tmp:  # its API takes paths
             src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
