@@ -438,8 +438,7 @@ def load_encoder(
     if isinstance(encoder, HeadEncoder):
         encoder.memoize = False
     encoder = encoder.to(device).eval()
-    if runtime != "torch":
-        from .onnx_runtime import attach
+    from .onnx_runtime import attach
 
-        encoder.runtime_info = attach(encoder, root, runtime, device, threads, precision)
+    encoder.runtime_info = attach(encoder, root, runtime, device, threads, precision)  # "torch": only the record
     return encoder

@@ -214,7 +214,8 @@ def _attach(
     files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     name = files.get(want)
     if not meta or name not in (ONNX_FP32, ONNX_INT8) or not (folder / name).is_file():
-        return _refuse(encoder, runtime, f"{folder.name}/ holds no {want} ONNX graph (artifact made before ONNX)", want)
+        why = "made before ONNX forms: `jointpq onnx` adds them" if not meta else f"exported at {meta.get('precision')}"
+        return _refuse(encoder, runtime, f"{folder.name}/ holds no {want} ONNX graph ({why})", want)
     if meta.get("network") != net.kind or meta.get("graph") not in ("whole", "base"):
         return _refuse(encoder, runtime, f"{folder.name}/{ONNX_META} describes a {meta.get('network')!r} network,"
                        f" the tower runs a {net.kind!r}", want)  # fmt: skip
@@ -269,22 +270,23 @@ def accelerate(encoder: TextEncoder, threads: int | None = None, device: str = "
     demo and the benchmarks use to encode a corpus."""
     from index.search import resolve_device
 
-    from .onnx_export import ExportError, export_graph
+    from .onnx_export import export_graph
 
     dev = resolve_device(device)
     if dev.type == "cuda":
         encoder.to(dev)
         if "CUDAExecutionProvider" not in (_ort_providers() if ort_available() else []):
             encoder.runtime = None
-            return {"runtime": "torch", "precision": "fp32", "device": str(dev)}
+            return {"runtime": "torch", "precision": "fp32", "device": str(dev),
+                    "reason": "auto: on CUDA without onnxruntime-gpu, torch"}  # fmt: skip
     if not ort_available():
         return _refuse(encoder, "auto", "onnxruntime is not installed", "fp32")
     graph, net = graph_of(encoder)
     try:
         session = session_from_bytes(export_graph(net), threads, dev)
-    except (ExportError, ImportError) as e:
-        return _refuse(encoder, "auto", str(e), "fp32")
-    cosine = probe_cosine(net, session)
+        cosine = probe_cosine(net, session)
+    except Exception as e:  # export, load or run: whatever fails, torch encodes
+        return _refuse(encoder, "auto", f"{type(e).__name__}: {str(e)[:200]}", "fp32")
     if cosine < FP32_MIN_COSINE:
         return _refuse(encoder, "auto", f"the exported graph disagrees with torch (probe cosine {cosine:.6f})", "fp32")
     encoder.runtime = OnnxRunner(session, net, "fp32", "memory")

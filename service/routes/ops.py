@@ -46,6 +46,8 @@ async def info(request: Request, holder: HolderDep, settings: SettingsDep, watch
         "inline_vector_search": settings.inline_vector_search,
         "search_threads": settings.search_threads,
         "torch_threads": settings.torch_threads,
+        "encoder_runtime": settings.encoder_runtime,
+        "encoder_threads": settings.encoder_threads,
         "workers": settings.workers,
         "default_k": settings.default_k,
         "max_k": settings.max_k,

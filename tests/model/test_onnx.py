@@ -110,7 +110,8 @@ def test_the_artifact_graph_reproduces_torch_and_holds_no_weights(tmp_path, requ
 
     on_torch = load_encoder(path, runtime="torch")
     on_onnx = load_encoder(path, runtime="onnx")
-    assert on_torch.runtime is None and on_torch.runtime_info is None
+    assert on_torch.runtime is None and on_torch.runtime_info["runtime"] == "torch"
+    assert on_torch.runtime_info["requested"] == "torch" and on_torch.runtime_info["artifact_precision"] == "fp32"
     info = on_onnx.runtime_info
     assert info["runtime"] == "onnx" and info["precision"] == "fp32" and info["requested"] == "onnx"
     assert info["graph"] == meta["graph"] and info["probe_min_cosine"] >= 0.9999
@@ -216,7 +217,7 @@ try:
     attach(enc, path / "encoder", "onnx")
 except RuntimeUnavailableError as e:
     out["onnx_error"] = str(e)
-out["accelerate"] = accelerate(enc)
+out["accelerate"] = accelerate(enc, device="cpu")
 out["files"] = sorted(encoder_files(enc, onnx="fp32"))
 out["embedding"] = enc.encode(["Vitamin D deficiency"]).tolist()
 print(json.dumps(out))
@@ -279,7 +280,7 @@ def test_a_runner_steps_aside_once_its_weights_change(caplog):
     """An optimizer step (an in-place change of a parameter) after `accelerate`: encode runs on
     torch with the new weights, and says so once."""
     enc = hashed(0)
-    record = accelerate(enc)
+    record = accelerate(enc, device="cpu")
     assert record["runtime"] == "onnx" and enc.runtime is not None and not enc.runtime.stale()
     assert cosines(enc.encode(TEXTS), copy.deepcopy(enc).encode(TEXTS)).min() >= 0.9999
     with torch.no_grad():
@@ -300,7 +301,7 @@ def test_a_runner_steps_aside_once_its_weights_change(caplog):
 def test_length_sorted_batches_return_rows_in_input_order(runtime):
     enc = hashed(0)
     if runtime == "onnx":
-        assert accelerate(enc)["runtime"] == "onnx"
+        assert accelerate(enc, device="cpu")["runtime"] == "onnx"
     texts = [("word " * n).strip() + f" item {n}" for n in (30, 1, 12, 0, 7, 50, 3, 3, 21, 9, 2)] + ["", "ÜBER"]
     batched = enc.encode(texts, batch_size=4)
     one_by_one = torch.cat([enc.encode([t]) for t in texts])
