@@ -358,3 +358,20 @@ def test_the_onnx_command_adds_the_graphs_to_an_artifact_made_without(tmp_path, 
     mc, _ = read_artifact(c)
     assert mc.training["encoder_precision"] == "fp32" and mc.training["onnx"]["parent"] == "v1-int8"
     assert (tmp_path / "root" / "CURRENT").read_text().strip() == "v1-fp32"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("runtime", ["auto", "onnx"])
+def test_on_cuda_the_encoder_embeds_as_on_the_cpu(tmp_path, runtime):
+    """On a GPU the query tower runs there (torch, or ONNX Runtime's CUDA provider when
+    onnxruntime-gpu is installed: `auto` times both) and embeds as the CPU's torch does."""
+    path = write(tmp_path / "a", encoder_files(hashed(0), onnx="fp32"))
+    texts = ["cuda probe", "a longer text about retrieval on the GPU", "x"]
+    cpu = load_encoder(path, runtime="torch").encode(texts)
+    try:
+        gpu = load_encoder(path, runtime=runtime, device="cuda")
+    except RuntimeUnavailableError:  # "onnx" on a GPU machine without onnxruntime-gpu's provider
+        pytest.skip("onnxruntime has no CUDA provider here")
+    assert next(gpu.parameters()).device.type == "cuda"
+    assert cosines(gpu.encode(texts), cpu).min() >= 0.9999
