@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint bench bench-http loadtest clean
+.PHONY: install demo test test-fast lint bench bench-http loadtest compose-smoke clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-http: install
 HOST ?= http://127.0.0.1:8000
 loadtest: install
 	$(BIN)/locust -f loadtest/locustfile.py --headless -u 32 -r 32 -t 30s --host $(HOST)
+
+# the compose stack for real (needs root): engine, local bases, images, trainer -> replicas -> locust
+compose-smoke: install
+	bash docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) artifacts
