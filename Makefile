@@ -21,7 +21,7 @@ demo: install
 
 # the whole suite, slow tests included: what CI runs
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # the edit-run loop: everything not marked slow (no training, no demo artifacts, no locust/schemathesis)
 test-fast: install
