@@ -279,16 +279,6 @@ def onnx_files(
     return files, meta
 
 
-def onnx_available() -> bool:
-    """Exporting needs the `onnx` package and onnxruntime (both core dependencies)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def with_onnx(artifact: str | Path, out: str | Path, precision: str = "fp32") -> tuple[Path, dict[str, Any]]:
     """`jointpq onnx`: a new version of `artifact` whose encoder folders carry ONNX forms at
     `precision` (the query tower; an item tower of its own gets float32). Index, ids, canaries,

@@ -22,7 +22,6 @@ them, so a trainer that fine-tunes an accelerated encoder never encodes with old
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -300,14 +299,3 @@ def describe(encoder: TextEncoder | None) -> dict[str, Any] | None:
         return None
     record = getattr(encoder, "runtime_info", None)
     return dict(record) if record else {"runtime": "onnx" if encoder.runtime is not None else "torch"}
-
-
-def read_onnx_meta(folder: str | Path) -> dict[str, Any] | None:
-    path = Path(folder) / ONNX_META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if isinstance(meta, dict) else None
