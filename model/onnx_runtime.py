@@ -138,6 +138,36 @@ def probe_cosine(net: TextEncoder, session: Any, texts: Sequence[str] = PROBE_TE
     return float(cos.min())
 
 
+class ExternalDataError(ValueError):
+    """A graph's external data reaches outside its folder or past the end of its file."""
+
+
+def confine_external_data(path: Path) -> None:
+    """Every external tensor of the graph at `path` must live in a plain file beside it, within
+    that file's size: a graph (checksummed, yet crafted) can never make ONNX Runtime read a file
+    outside the artifact, or past the end of one. The graph's structure is read without its data."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        location = info.get("location", "")
+        target = path.parent / location
+        plain = bool(location) and Path(location).name == location and location not in (".", "..")
+        if not plain or not target.is_file() or target.resolve().parent != path.parent.resolve():
+            raise ExternalDataError(
+                f"{path.name}: tensor {init.name!r} points at {location[:80]!r}, not a file beside it"
+            )
+        try:
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        except ValueError:
+            raise ExternalDataError(f"{path.name}: tensor {init.name!r} has a malformed offset or length") from None
+        if end > target.stat().st_size:
+            raise ExternalDataError(f"{path.name}: tensor {init.name!r} reads past the end of {location}")
+
+
 def _same_network(a: TextEncoder, b: TextEncoder) -> bool:
     """Two encoder objects over the same modules (a copy.copy view shares them)."""
     if a is b:
@@ -226,6 +256,7 @@ def _attach(
         if reuse is not None and reuse.source == str(folder / name) and _same_network(reuse.net, net):
             session = reuse.session
         else:
+            confine_external_data(folder / name)
             session = session_from_file(folder / name, threads, dev)
         cosine = probe_cosine(net, session)
     except Exception as e:  # a graph onnxruntime cannot load or run: torch serves

@@ -174,6 +174,34 @@ def test_a_graph_that_does_not_match_the_weights_never_serves(tmp_path, caplog, 
     assert torch.equal(enc.encode(TEXTS), a.encode(TEXTS))
 
 
+@pytest.mark.parametrize(
+    ("location", "reason"),
+    [
+        ("../../secret.bin", "not a file beside it"),
+        ("/etc/passwd", "not a file beside it"),
+        ("model.safetensors", "reads past the end"),
+    ],
+)
+def test_a_graph_never_reads_outside_its_folder(tmp_path, location, reason):
+    """A checksummed but crafted graph whose external data points outside the artifact (or past
+    the end of model.safetensors) is refused before ONNX Runtime opens anything."""
+    import onnx
+
+    files = encoder_files(hashed(0), onnx="fp32")
+    graph = onnx.load_from_string(files["encoder/model.onnx"])
+    init = next(i for i in graph.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL)
+    for e in init.external_data:
+        if e.key == "location":
+            e.value = location
+        if e.key == "offset" and location == "model.safetensors":
+            e.value = str(len(files["encoder/model.safetensors"]))
+    (tmp_path / "secret.bin").write_bytes(bytes(1 << 20))
+    files["encoder/model.onnx"] = graph.SerializeToString()
+    path = write(tmp_path / "art" / "a", files)
+    with pytest.raises(RuntimeUnavailableError, match=reason):
+        load_encoder(path, runtime="onnx")
+
+
 @pytest.mark.slow  # MiniLM: two exports and a 90 MB artifact
 def test_a_minilm_head_graph_of_other_weights_falls_back_to_torch_with_a_warning(tmp_path, caplog, minilm):
     """auto picks ONNX Runtime for MiniLM on a CPU, so the check against torch is what keeps a
