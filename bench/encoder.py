@@ -233,8 +233,8 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=0, help="quality: corpus subset (0: all of SciFact)")
     p.add_argument("--train-seconds", type=float, help="quality: cap on each training run")
     p.add_argument("--json", action="store_true")
-    tiny = {"batch": [1, 8], "queries": 16, "corpus_items": 64, "seconds": 0.3, "m": [8], "seeds": [0],
-            "nprobe": [4], "docs": 600, "train_seconds": 2.0, "threads": [1]}  # fmt: skip
+    tiny = {"batch": [1, 8], "queries": 16, "corpus_items": 16, "seconds": 0.2, "m": [8], "seeds": [0],
+            "nprobe": [4], "docs": 400, "train_seconds": 2.0, "threads": [1]}  # fmt: skip
     args = parse_args(p, tiny=tiny)
     emit = Report(args.json, line)
     if "speed" in args.parts:
