@@ -68,7 +68,7 @@ PROBE_TEXTS = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The encoder could not be exported or quantized (message says why)."""
 
 

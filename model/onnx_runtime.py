@@ -42,7 +42,7 @@ FP32_MIN_COSINE = 0.9999
 INT8_COSINE_SLACK = 0.005  # below the export's own probe cosine by more: not the graph that was exported
 
 
-class RuntimeUnavailableError(RuntimeError):
+class RuntimeUnavailableError(ValueError):
     """`runtime="onnx"` was asked for and cannot be had (message says why)."""
 
 

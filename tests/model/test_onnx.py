@@ -403,3 +403,14 @@ def test_on_cuda_the_encoder_embeds_as_on_the_cpu(tmp_path, runtime):
         pytest.skip("onnxruntime has no CUDA provider here")
     assert next(gpu.parameters()).device.type == "cuda"
     assert cosines(gpu.encode(texts), cpu).min() >= 0.9999
+
+
+def test_jointpq_onnx_on_a_vectors_only_artifact_is_a_clear_error(tmp_path, capsys):
+    """No query encoder to export: exit 2 with one line naming the artifact, no traceback, nothing written."""
+    from service.cli import main
+
+    path = write(tmp_path / "vec", {})
+    assert main(["onnx", "--artifact", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "holds no query encoder" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
