@@ -61,6 +61,9 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # set on a shard of a larger artifact (`index.shard`): {"index": i, "count": S, "parent": version,
+    # "hash": the id hash that assigned items, "parent_items": n of the whole}
+    shard: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,7 +81,7 @@ class Manifest:
             "n_items": self.n_items,
             "training": self.training,
             "files": self.files,
-        }
+        } | ({"shard": self.shard} if self.shard is not None else {})
 
 
 def read_json(path: Path, what: str | None = None) -> Any:
@@ -121,6 +124,7 @@ def write_artifact(
     training: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes | str | Path] | None = None,
     overwrite: bool = False,
+    shard: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `index` (plus extra files) as an artifact directory at `path`, atomically.
 
@@ -165,6 +169,7 @@ def write_artifact(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             files=files,
             training=dict(training or {}),
+            shard=dict(shard) if shard is not None else None,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False), encoding="utf-8")
         _fsync(tmp / MANIFEST)
@@ -246,6 +251,9 @@ def read_manifest(path: str | Path) -> Manifest:
     for required in (TENSORS, IDS):
         if required not in files:
             raise ArtifactError(f"{MANIFEST}: does not list {required}")
+    shard = raw.get("shard")
+    if shard is not None:
+        _check_shard(shard, raw["n_items"])
     return Manifest(
         version=raw["version"],
         metric=raw["metric"],
@@ -258,7 +266,30 @@ def read_manifest(path: str | Path) -> Manifest:
         files=files,
         training=raw.get("training") or {},
         format_version=raw["format_version"],
+        shard=shard,
     )
+
+
+MAX_SHARDS = 4096
+
+
+def _check_shard(shard: Any, n_items: int) -> None:
+    """The manifest's `shard` record: which part of which parent this artifact is."""
+    if not isinstance(shard, dict):
+        raise ArtifactError(f"{MANIFEST}: field 'shard' must be a JSON object")
+    count, index = shard.get("count"), shard.get("index")
+    for key, v, low, high in (("count", count, 1, MAX_SHARDS), ("index", index, 0, MAX_SHARDS - 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+            raise ArtifactError(f"{MANIFEST}: field 'shard.{key}' must be an integer in [{low}, {high}], got {v!r:.60}")
+    if index >= count:
+        raise ArtifactError(f"{MANIFEST}: shard.index {index} is not below shard.count {count}")
+    for key in ("parent", "hash"):
+        if not isinstance(shard.get(key), str):
+            raise ArtifactError(f"{MANIFEST}: field 'shard.{key}' must be a string, got {_short(shard.get(key))}")
+    total = shard.get("parent_items")
+    if not isinstance(total, int) or isinstance(total, bool) or not n_items <= total <= LIMITS["n_items"]:
+        got = _short(total)
+        raise ArtifactError(f"{MANIFEST}: field 'shard.parent_items' must be an integer >= n_items, got {got}")
 
 
 def verify_files(path: str | Path, manifest: Manifest) -> None:

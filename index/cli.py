@@ -70,6 +70,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--out", required=True, type=Path)
     i.set_defaults(func=_faiss_import)
 
+    h = sub.add_parser(
+        "shard",
+        help="split an artifact into S shard artifacts by a stable hash of the item id",
+        description="Each shard is a complete artifact (the full model, its slice of the items); "
+        "`jointpq serve --cluster` serves them, merging the shards' top-k exactly.",
+        epilog="example:\n  jointpq shard --artifact artifacts/demo/demo-v1 --shards 4 --out artifacts/demo/demo-v1-s4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    h.add_argument("--artifact", required=True, type=Path, help="the artifact to split (verified first)")
+    h.add_argument("--shards", required=True, type=int, help="how many shards (S)")
+    h.add_argument("--out", required=True, type=Path, help="new directory: shards.json + one artifact per shard")
+    h.set_defaults(func=_shard)
+
 
 def _build(args: argparse.Namespace) -> int:
     from . import build_ivfpq, resolve_device, write_artifact
@@ -157,3 +170,21 @@ def _faiss_import(args: argparse.Namespace) -> int:
     write_artifact(args.out, data, training={"mode": "faiss-import", "source": str(args.index)})
     print(json.dumps({"artifact": str(args.out), "n_items": data.n, "nlist": data.nlist, "M": data.M}))
     return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from .shard import shard_artifact
+
+    t0 = time.perf_counter()
+    shards = shard_artifact(args.artifact, args.shards, args.out)
+    sizes = [read_n(shards.member(i)) for i in range(shards.count)]
+    print(json.dumps({"shard_set": str(shards.path), "parent": shards.parent, "shards": shards.count,
+                      "n_items": shards.n_items, "items_per_shard": sizes,
+                      "seconds": round(time.perf_counter() - t0, 3)}))  # fmt: skip
+    return 0
+
+
+def read_n(path: Path) -> int:
+    from .artifact import read_manifest
+
+    return read_manifest(path).n_items

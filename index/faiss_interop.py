@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import SearchError
 from .ivfpq import IVFPQ, unpack_codes
-from .search import check_k_nprobe, check_queries
+from .search import Probe, check_k_nprobe, check_queries
 
 
 def _faiss():
@@ -180,6 +181,20 @@ class FaissSearcher:
             p = self._by_nprobe[nprobe] = self.faiss.SearchParametersIVF(nprobe=nprobe)
         return p
 
+    def _preassigned(self, xq: np.ndarray, k: int, probe: Probe, params) -> tuple[np.ndarray, np.ndarray]:
+        """Faiss's C++ `search_preassigned` with per-call parameters: the Python wrapper refuses
+        `params` and reads the index-wide nprobe, which concurrent searches must not touch."""
+        n = xq.shape[0]
+        cells = np.ascontiguousarray(probe.cells.numpy(), dtype=np.int64)
+        dist = np.ascontiguousarray(probe.dist, dtype=np.float32)
+        if cells.shape != (n, params.nprobe) or dist.shape != cells.shape:
+            raise SearchError(f"probe: expected ({n}, {params.nprobe}) cells and distances, got {cells.shape}")
+        D = np.empty((n, k), dtype=np.float32)
+        I = np.empty((n, k), dtype=np.int64)  # noqa: E741
+        sp = self.faiss.swig_ptr
+        self.ivf.search_preassigned_c(n, sp(xq), k, sp(cells), sp(dist), sp(D), sp(I), False, params)
+        return D, I
+
     def _rotated(self, queries) -> np.ndarray:
         xq = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else queries
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -191,17 +206,27 @@ class FaissSearcher:
         _, cells = self.ivf.quantizer.search(self._rotated(queries), min(int(nprobe), self.nlist))
         return torch.from_numpy(cells.astype(np.int64))
 
+    def coarse(self, queries, nprobe: int) -> Probe:
+        """(B, d) checked queries -> their `Probe`: Faiss's quantizer's cells and distances."""
+        dist, cells = self.ivf.quantizer.search(self._rotated(queries), min(int(nprobe), self.nlist))
+        return Probe(torch.from_numpy(cells.astype(np.int64)), dist.astype(np.float32))
+
     def search_rows(
-        self, queries, k: int, nprobe: int, dead: torch.Tensor | None = None
+        self, queries, k: int, nprobe: int, dead: torch.Tensor | None = None, probe: Probe | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """As `TorchSearcher.search_rows`; `dead` rows (tombstones) are skipped inside the scan
-        by an `IDSelectorBitmap` of the live rows, so they never take a top-k slot."""
+        by an `IDSelectorBitmap` of the live rows, so they never take a top-k slot. `probe`: the
+        cells and coarse distances computed elsewhere (a shard's router): Faiss scans them as
+        given (`search_preassigned`), exactly what its own probe would have led to."""
         queries = check_queries(queries, self.d)
         check_k_nprobe(k, nprobe)
         xq = self._rotated(queries)
-        nprobe = min(int(nprobe), self.nlist)
+        nprobe = min(int(nprobe), self.nlist) if probe is None else probe.nprobe
         params = self._params(nprobe) if dead is None else self._filtered(nprobe, dead)
-        D, I = self.ivf.search(xq, int(k), params=params)  # noqa: E741 - Faiss's names
+        if probe is None:
+            D, I = self.ivf.search(xq, int(k), params=params)  # noqa: E741 - Faiss's names
+        else:
+            D, I = self._preassigned(xq, int(k), probe, params)  # noqa: E741
         pad = -np.inf if self.metric == "ip" else np.inf
         D = np.where(I < 0, pad, D).astype(np.float32)
         return D, I.astype(np.int64)

@@ -42,7 +42,7 @@ from .encode import Quantizer
 from .errors import SearchError
 from .ivfpq import IVFPQ, pack_codes
 from .loader import Index
-from .search import TorchSearcher, check_k_nprobe, check_queries
+from .search import Probe, TorchSearcher, check_k_nprobe, check_queries
 
 FRESH_MIN = 2048  # the fresh tier is rebuilt on every write; folded into the sealed tier past this
 FRESH_SHARE = 8  # ... or past 1/8 of the sealed tier: amortised O(1) rebuild work per written item
@@ -344,30 +344,35 @@ class LiveIndex:
         return self._next(self.dead, self.delta, applied_seq)
 
     # -- search -------------------------------------------------------------------------------------
-    def search_rows(self, queries, k: int = 10, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search_rows(
+        self, queries, k: int = 10, nprobe: int | None = None, probe: Probe | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(B, d) queries -> scores (B, k) and rows (B, k) (base rows, then delta rows from
-        n_base; -1 where no hit), best first; deleted items never appear."""
+        n_base; -1 where no hit), best first; deleted items never appear. `probe`: the cells
+        to scan, computed once elsewhere (a shard's router, `index.shard`), instead of here."""
         from .loader import DEFAULT_NPROBE
 
         nprobe = DEFAULT_NPROBE if nprobe is None else nprobe
-        if not self.changed:
+        if not self.changed and probe is None:
             return self.base.search_rows(queries, k, nprobe)
         queries = check_queries(queries, self.data.d)
         check_k_nprobe(k, nprobe)
         searcher = self.base.searcher
-        s_b, r_b = searcher.search_rows(queries, k, nprobe, dead=self.dead)  # type: ignore[call-arg]
+        if probe is not None:
+            nprobe = probe.nprobe
+        s_b, r_b = searcher.search_rows(queries, k, nprobe, dead=self.dead, probe=probe)  # type: ignore[call-arg]
         segments = self.delta.segments()
         if not segments or len(queries) == 0:
             return s_b, r_b
         parts_s, parts_r = [s_b], [r_b]
-        probe = None
+        cells = probe.cells if probe is not None else None
         for seg in segments:
             dead = self.delta.mask(seg)
             if isinstance(seg.searcher, TorchSearcher):  # exactly the cells the base scanned
-                probe = probe if probe is not None else searcher.probe(queries, nprobe)  # type: ignore[attr-defined]
-                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead, probe=probe)
+                cells = cells if cells is not None else searcher.probe(queries, nprobe)  # type: ignore[attr-defined]
+                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead, probe=cells)
             else:
-                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead)
+                s_d, r_d = seg.searcher.search_rows(queries, k, nprobe, dead=dead, probe=probe)
             rows = seg.order.numpy()[np.clip(r_d, 0, None)] + seg.start + self.data.n
             parts_s.append(s_d)
             parts_r.append(np.where(r_d >= 0, rows, -1))
@@ -388,9 +393,11 @@ class LiveIndex:
         out[high] = [self.delta.row_ids[r - n] for r in rows[high].tolist()]
         return out
 
-    def search(self, queries, k: int = 10, nprobe: int | None = None) -> tuple[list[np.ndarray], list[list[str]]]:
+    def search(
+        self, queries, k: int = 10, nprobe: int | None = None, probe: Probe | None = None
+    ) -> tuple[list[np.ndarray], list[list[str]]]:
         """As `Index.search`: per query the scores and ids of its hits, best first."""
-        scores, rows = self.search_rows(queries, k, nprobe)
+        scores, rows = self.search_rows(queries, k, nprobe, probe)
         out_s, out_i = [], []
         for s, r in zip(scores, rows, strict=True):
             v = r >= 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,6 +86,21 @@ def check_queries(queries, d: int) -> np.ndarray | torch.Tensor:
     return queries
 
 
+@dataclass(frozen=True)
+class Probe:
+    """The coarse probe of a query batch, computed once and handed to every shard that scans for
+    it (`index.shard`): the cells, best first, and the coarse quantizer's score of each, exactly as
+    the backend computes them (Faiss's `search_preassigned` adds that score to each item's; the
+    torch searcher recomputes it from its own centroids, which are the same on every shard)."""
+
+    cells: torch.Tensor  # (B, nprobe) int64, on the CPU
+    dist: np.ndarray  # (B, nprobe) float32: inner product (ip) or squared distance (l2) to each cell
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.cells.shape[1])
+
+
 def check_k_nprobe(k: int, nprobe: int) -> None:
     for name, v in (("k", k), ("nprobe", nprobe)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -125,13 +141,30 @@ class TorchSearcher:
         xr = xq @ self.rotation.T if self.rotation is not None else xq
         return self._probe(xr @ self.centroids.T, min(int(nprobe), self.nlist)).cpu()
 
+    @torch.inference_mode()
+    def coarse(self, queries, nprobe: int) -> Probe:
+        """(B, d) checked queries -> their `Probe` (cells and coarse scores), for shards to reuse."""
+        xq = torch.as_tensor(queries).to(self.device, torch.float32)
+        xr = xq @ self.rotation.T if self.rotation is not None else xq
+        coarse = xr @ self.centroids.T
+        cells = self._probe(coarse, min(int(nprobe), self.nlist))
+        dist = coarse.gather(1, cells)
+        if self.metric == "l2":  # as Faiss reports it: ||q||^2 - 2 q.c + ||c||^2
+            dist = (xr**2).sum(1, keepdim=True) - 2 * dist + self.centroid_norms[cells]
+        return Probe(cells.cpu(), dist.float().cpu().numpy())
+
     def _probe(self, coarse: torch.Tensor, nprobe: int) -> torch.Tensor:
         rank = 2 * coarse - self.centroid_norms if self.metric == "l2" else coarse
         return rank.topk(nprobe, dim=1).indices  # (B, nprobe) best cell first
 
     @torch.inference_mode()
     def search_rows(
-        self, queries, k: int, nprobe: int, dead: torch.Tensor | None = None, probe: torch.Tensor | None = None
+        self,
+        queries,
+        k: int,
+        nprobe: int,
+        dead: torch.Tensor | None = None,
+        probe: torch.Tensor | Probe | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(B, d) queries -> scores (B, k) float32 and rows (B, k) int64, best first.
 
@@ -139,7 +172,8 @@ class TorchSearcher:
         the tail is padded with row -1 and score -inf (ip) or +inf (l2).
         `dead`: (n,) bool rows never returned (tombstones), dropped before the top-k, so a query
         still gets its k best live items. `probe`: (B, nprobe) cells to scan instead of this
-        index's own coarse probe (a delta segment scans exactly the cells the base scanned).
+        index's own coarse probe (a delta segment scans exactly the cells the base scanned; a
+        shard scans the cells its router probed), a tensor or a `Probe`.
         """
         queries = check_queries(queries, self.d)
         check_k_nprobe(k, nprobe)
@@ -156,7 +190,7 @@ class TorchSearcher:
         if probe is None:
             probe = self._probe(coarse, nprobe)
         else:
-            probe = probe.to(self.device)
+            probe = (probe.cells if isinstance(probe, Probe) else probe).to(self.device)
             nprobe = probe.shape[1]
         cterm = scale * coarse.gather(1, probe)  # (B, nprobe) cell part of each item's score
         dead = dead.to(self.device) if dead is not None else None
