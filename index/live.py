@@ -221,6 +221,10 @@ class LiveIndex:
         r = self._base_row().get(item_id)
         return r is not None and not (self.dead is not None and bool(self.dead[r]))
 
+    def contains_many(self, item_ids: Sequence[str]) -> list[bool]:
+        """`contains` of each id (one call for a batch: a sharded view asks each shard once)."""
+        return [self.contains(i) for i in item_ids]
+
     # -- writes: each returns a new view ----------------------------------------------------------
     def upsert(
         self, ids: Sequence[str], vectors: torch.Tensor | np.ndarray, applied_seq: int | None = None

@@ -81,10 +81,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.stop()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, holder: IndexHolder | None = None) -> FastAPI:
+    """The app over `holder` (default: an `IndexHolder` loading whole artifacts; the cluster
+    router passes one whose artifacts are shard sets served by Ray Serve deployments)."""
     settings = settings or Settings()
     metrics = Metrics()
-    holder = IndexHolder(settings)
+    holder = holder or IndexHolder(settings)
     engine = SearchEngine(settings, holder, metrics)
     watch = WatchStatus(enabled=settings.watch)
     app = FastAPI(

@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -50,10 +51,13 @@ class Job:
 class JobResult:
     scores: list[np.ndarray]
     ids: list[list[str]]
+    coverage: dict | None = None  # a sharded index's {"answered", "shards", "partial"} (cluster.sharded)
 
     @classmethod
     def concat(cls, parts: list[JobResult]) -> JobResult:
-        return cls([s for p in parts for s in p.scores], [i for p in parts for i in p.ids])
+        covers = [p.coverage for p in parts if p.coverage is not None]
+        coverage = min(covers, key=lambda c: c["answered"]) if covers else None  # the worst piece speaks
+        return cls([s for p in parts for s in p.scores], [i for p in parts for i in p.ids], coverage)
 
 
 def split_job(job: Job, max_queries: int, max_chars: int) -> list[Job]:
@@ -112,20 +116,26 @@ def run_jobs(jobs: list[Job], observe: Observer | None = None) -> list[JobResult
     view = loaded.live.view  # one view for the whole batch: a write lands wholly before or after it
     for nprobe, members in by_nprobe.items():
         x = np.concatenate([vecs[i] for i in members]).astype(np.float32, copy=False)
-        scores, rows = view.search_rows(x, max(jobs[i].k for i in members), nprobe)
+        scores, ids, coverage = search_view(view, x, max(jobs[i].k for i in members), nprobe)
         start = 0
         for i in members:
             n, k = jobs[i].size, jobs[i].k
-            s, r = scores[start : start + n, :k], rows[start : start + n, :k]
+            out[i] = JobResult([s[:k] for s in scores[start : start + n]], [r[:k] for r in ids[start : start + n]],
+                               coverage)  # fmt: skip
             start += n
-            valid = r >= 0
-            out[i] = JobResult(
-                [si[v] for si, v in zip(s, valid, strict=True)],
-                [view.ids_of(ri[v]).tolist() for ri, v in zip(r, valid, strict=True)],
-            )
     if observe is not None:
         observe(len(jobs), sum(j.size for j in jobs), time.perf_counter() - t0)
     return out  # type: ignore[return-value]
+
+
+def search_view(view: Any, x: np.ndarray, k: int, nprobe: int) -> tuple[list[np.ndarray], list[list[str]], dict | None]:
+    """Per query the scores and ids of its hits, best first, and the coverage when the view is
+    sharded (`cluster.sharded.ShardedView.search_covered`: which shards answered in time)."""
+    covered = getattr(view, "search_covered", None)
+    if covered is not None:
+        return covered(x, k, nprobe)
+    scores, ids = view.search(x, k, nprobe)
+    return scores, ids, None
 
 
 class MicroBatcher:

@@ -135,12 +135,13 @@ class SearchEngine:
         except ApiError as e:
             return error_response(e)
         self.metrics.searched("text" if texts is not None else "vector", job.size)
-        return json_response(
-            {
-                "version": loaded.version,
-                "k": job.k,
-                "nprobe": min(job.nprobe, loaded.nlist),
-                "took_ms": round((time.perf_counter() - t0) * 1000, 3),
-                "results": [{"ids": i, "scores": s} for s, i in zip(result.scores, result.ids, strict=True)],
-            }
-        )
+        body = {
+            "version": loaded.version,
+            "k": job.k,
+            "nprobe": min(job.nprobe, loaded.nlist),
+            "took_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "results": [{"ids": i, "scores": s} for s, i in zip(result.scores, result.ids, strict=True)],
+        }
+        if result.coverage is not None:
+            body["coverage"] = result.coverage
+        return json_response(body)

@@ -87,7 +87,8 @@ def api_error(e: ReloadRefused | JointPQError, field: str | None = None) -> ApiE
     naming what the client sent that caused it (see the module docstring for the statuses)."""
     if isinstance(e, ReloadRefused):
         return ApiError(e.status, e.reason, field)
-    return ApiError(400, str(e), field)
+    # an index that could not answer (e.g. a shard past its deadline, cluster.sharded) says its status
+    return ApiError(getattr(e, "http_status", 400), str(e), field)
 
 
 def field_name(loc: tuple) -> str:

@@ -154,7 +154,7 @@ class ItemWriter:
 
     def delete(self, loaded: Any, ids: list[str]) -> dict[str, Any]:
         unique = list(dict.fromkeys(ids))
-        unknown = [i for i in unique if not loaded.live.view.contains(i)]
+        unknown = [i for i, live in zip(unique, loaded.live.view.contains_many(unique), strict=True) if not live]
         entry, view = self._log_and_apply(loaded, "delete", {"ids": unique})
         return {
             "deleted": len(unique) - len(unknown),

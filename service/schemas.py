@@ -57,12 +57,21 @@ class QueryResult(BaseModel):
     scores: list[float] = Field(description="inner products (descending) or squared L2 distances (ascending)")
 
 
+class Coverage(BaseModel):
+    answered: int = Field(description="shards whose top-k is merged into these results")
+    shards: int = Field(description="shards of the served version (S)")
+    partial: bool = Field(description="true when a shard missed its deadline: results hold only the others' items")
+
+
 class SearchResponse(BaseModel):
     version: str = Field(description="the artifact version that produced every result in this response")
     k: int
     nprobe: int = Field(description="cells actually scanned (the request's, capped at the artifact's nlist)")
     took_ms: float
     results: list[QueryResult] = Field(description="one entry per query, in request order")
+    coverage: Coverage | None = Field(
+        None, description="sharded serving only (`jointpq serve --cluster`): how many shards answered"
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -1,0 +1,77 @@
+"""`jointpq serve --cluster`: deploy the sharded application on a Ray cluster and keep it up.
+
+Starts a local Ray (or joins `--address`), starts Serve's HTTP proxy on --host/--port and deploys
+`cluster.app.build(...)` as application "jointpq". Service settings come from the same flags and
+`JOINTPQ_*` variables as `jointpq serve` (the router runs the same app). Runs until SIGINT/SIGTERM,
+then deletes the application and, when it started Ray itself, stops Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from pydantic import ValidationError
+
+from .sharded import ClusterConfig
+
+
+def replica_cpus(shards: int, replicas: int, cpus: float) -> float:
+    """Ray CPUs per replica so S x R shard replicas and the router fit `cpus` (capped at 1): Ray
+    would otherwise leave replicas pending forever on a small machine."""
+    return round(min(1.0, cpus / (shards * replicas + 1)), 3)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from service.logs import configure_logging
+    from service.serve import apply_flags
+    from service.settings import Settings, describe_errors
+
+    from .app import APP_NAME, build
+
+    given = apply_flags(args)
+    try:
+        settings = Settings()
+        config = ClusterConfig(
+            shards=args.shards or 1,
+            replicas=args.replicas or 1,
+            on_partial=args.on_partial or "partial",
+            shard_deadline_s=args.shard_deadline_s or 5.0,
+        )
+    except ValidationError as e:
+        for line in describe_errors(e, given):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    for flag, v in (("--shards", config.shards), ("--replicas", config.replicas)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    configure_logging(settings.log_level)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    cpus = args.replica_cpus or replica_cpus(config.shards, config.replicas, ray.cluster_resources().get("CPU", 1))
+    env = {k: v for k, v in os.environ.items() if k.startswith("JOINTPQ_")}  # flags were written there too
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    device = "cpu" if settings.device == "auto" else settings.device
+    app = build(
+        config, artifact_root=str(settings.artifact_root.resolve()), replica_cpus=cpus, router_cpus=cpus,
+        shard_threads=settings.torch_threads or 1, device=device, backend=settings.backend, env=env,
+    )  # fmt: skip
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    print(f"jointpq cluster: {config.shards} shards x {config.replicas} replicas at "
+          f"http://{settings.host}:{settings.port} (Ray {ray.__version__}; Ctrl-C stops)", flush=True)  # fmt: skip
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.delete(APP_NAME)
+    if started:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
