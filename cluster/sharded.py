@@ -45,6 +45,17 @@ from service.settings import Settings
 log = logging.getLogger("jointpq.cluster")
 
 ON_PARTIAL = ("partial", "503")
+
+
+def _gone_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a replica that died or left (not of one that refused the work)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    return (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+GONE = _gone_errors()
 CACHE_DIR = ".shards"  # plain artifacts sharded on first use, inside the root (hidden from version listings)
 
 
@@ -368,16 +379,23 @@ class ShardedHolder(IndexHolder):
         async def one(i: int, handle: Any) -> None:
             path = str(shard_set.member(i))
             end = time.monotonic() + self.config.hold_timeout_s
-            while True:  # at start-up the shard replicas may still be starting: wait for one
-                got = await handle.broadcast("hold", key, path).results_async(
-                    timeout_s=self.config.hold_timeout_s, return_exceptions=True
-                )
-                if got or time.monotonic() > end:
+            while True:  # replicas may be starting (at start-up, or replacing killed ones): wait for one
+                try:
+                    got = await handle.broadcast("hold", key, path).results_async(
+                        timeout_s=self.config.hold_timeout_s, return_exceptions=True
+                    )
+                except GONE as e:  # no replica at all right now (DeploymentUnavailableError): Serve is replacing them
+                    got = [e]
+                gone = [r for r in got if isinstance(r, GONE)]  # died since: its replacement loads on demand
+                loaded = [r for r in got if not isinstance(r, GONE)]
+                if loaded or time.monotonic() > end:
                     break
                 await asyncio.sleep(0.5)
-            if not got:
+            if not loaded:
                 raise ReloadRefused(503, f"refused: shard {i} has no running replica")
-            for r in got:
+            if gone:
+                log.warning("shard %d: %d replicas gone while loading %s", i, len(gone), key)
+            for r in loaded:
                 if isinstance(r, BaseException):
                     raise ReloadRefused(422, f"refused: shard {i} could not load {shard_set.members[i]}: {r}")
                 if r["manifest_sha256"] != want[i] or r["shard"] != i:

@@ -37,6 +37,7 @@ def root(tmp_path_factory):
     build_demo(root, DEMO_DATA, "hashed", version="text-v1", seed=0, epochs=1, max_seconds=4, dim=DIM)
     x = clustered(3000, DIM, seed=7)
     write_artifact(root / "vec-v2", build_ivfpq(x, nlist=16, M=8, ids=[f"b-{i}" for i in range(len(x))]))
+    write_artifact(root / "vec-v3", build_ivfpq(x, nlist=16, M=8, ids=[f"c-{i}" for i in range(len(x))]))
     publish(root, "text-v1")
     return root
 
@@ -54,7 +55,8 @@ def cluster(ray_cluster, root):
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = ClusterConfig(shards=2, replicas=2, shard_deadline_s=1.5, drain_s=10)
-    env = {"JOINTPQ_ADMIN_TOKEN": TOKEN, "JOINTPQ_DEVICE": "cpu", "JOINTPQ_TORCH_THREADS": "1"}
+    env = {"JOINTPQ_ADMIN_TOKEN": TOKEN, "JOINTPQ_DEVICE": "cpu", "JOINTPQ_TORCH_THREADS": "1",
+           "JOINTPQ_WATCH": "true", "JOINTPQ_WATCH_INTERVAL_S": "0.5"}  # fmt: skip
     serve.run(build(config, artifact_root=str(root), replica_cpus=0.2, router_cpus=0.2, shard_threads=1, env=env),
               name=APP_NAME, route_prefix="/")  # fmt: skip
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -151,6 +153,28 @@ def test_a_version_swap_under_load_fails_no_request_and_mixes_no_versions(cluste
         assert len(held) == 2 and all(len(k) == 1 and k[0].startswith("vec-v2#") for k in held), held
 
 
+def test_a_live_write_reaches_the_owning_shard_and_the_next_search(cluster):
+    from ray import serve
+
+    from index.shard import shard_of
+
+    v = np.random.default_rng(9).standard_normal(DIM).astype(np.float32) * 10
+    r = cluster.post("/admin/items", json={"items": [{"id": "new-1", "vector": v.tolist()}]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = cluster.post("/search", json={"vector": v.tolist(), "k": 3}).json()
+    assert body["results"][0]["ids"][0] == "new-1"  # read-your-writes through the router
+    owner = int(shard_of(["new-1"], 2)[0])
+    for s in range(2):
+        handle = serve.get_deployment_handle(f"shard-{s}", "jointpq")
+        key = handle.broadcast("keys").results(timeout_s=30)[0][0]
+        held = handle.broadcast("contains", key, ["new-1"], r.json()["seq"]).results(timeout_s=30)
+        assert held == [[s == owner]] * 2  # both replicas of the owner have it, the other shard's none
+    r = cluster.post("/admin/items/delete", json={"ids": ["new-1", "never-there"]}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["unknown"] == ["never-there"], r.text
+    body = cluster.post("/search", json={"vector": v.tolist(), "k": 3}).json()
+    assert "new-1" not in body["results"][0]["ids"]
+
+
 def replica_actors(deployment: str) -> list:
     import ray
     from ray.util import list_named_actors
@@ -226,3 +250,18 @@ def test_the_503_setting_refuses_partial_answers(cluster, root):
     assert time.monotonic() - t0 < 3
     assert api_error(e.value).status == 503
 
+
+
+def test_the_current_pointer_switches_the_cluster(cluster, root):
+    """As `jointpq serve --watch`: publishing another version swaps every shard to it (after the
+    kills above, the replicas Serve started in their place take part)."""
+    from index.pointer import publish
+
+    publish(root, "vec-v3")
+    end = time.monotonic() + 90
+    while cluster.get("/readyz").json().get("version") != "vec-v3":
+        assert time.monotonic() < end, cluster.get("/info").json()["watch"]["last_error"]
+        time.sleep(0.3)
+    body = cluster.post("/search", json={"vector": [0.2] * DIM, "k": 4}).json()
+    assert body["version"] == "vec-v3" and all(i.startswith("c-") for i in body["results"][0]["ids"])
+    assert body["coverage"]["answered"] == 2
