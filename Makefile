@@ -11,7 +11,7 @@ $(BIN)/activate:
 # torch first, from the local CPU wheel: a bare `torch` requirement would pull a CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,cluster]'
 	touch $@
 
 install: $(VENV)/.installed
