@@ -163,8 +163,13 @@ class ShardServer:
         if h is None:
             return None
         d = h.view.drift_stats()
-        return h.view.stats() | {"drift_items": d.items, "drift_sum": d.distortion_sum,
-                                 "cell_sizes": h.view.cell_sizes().numpy()}  # fmt: skip
+        data = h.view.base.data
+        index_bytes = data.codes.nbytes + data.offsets.nbytes + sum(len(i) + 49 for i in data.ids[:1000]) * (
+            data.n / max(1, min(data.n, 1000)))  # ids: str objects, sampled  # fmt: skip
+        return h.view.stats() | {
+            "shard": self.shard, "drift_items": d.items, "drift_sum": d.distortion_sum,
+            "cell_sizes": h.view.cell_sizes().numpy(), "rss_bytes": rss_bytes(), "index_bytes": int(index_bytes),
+        }  # fmt: skip
 
     def contains(self, key: str, ids: list[str], min_seq: int = 0) -> list[bool] | None:
         h = self.held.get(key)
@@ -179,3 +184,15 @@ class ShardServer:
         for h in self.held.values():
             if h.view.base.data.n and not torch.isfinite(h.view.base.data.centroids[:1]).all():
                 raise RuntimeError(f"shard {self.shard}: {h.key} is damaged in memory")
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc; None elsewhere): what a shard replica costs."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -278,6 +278,12 @@ class ShardedView:
         keys = ("base_items", "deleted_base_items", "delta_items", "live_items")
         out: dict[str, Any] = {key: sum(s[key] for s in stats) for key in keys}
         out |= {"applied_seq": self.applied_seq, "shards_reporting": len(stats), "shards": len(self.index.handles)}
+        out["per_shard"] = [  # one replica's figures per shard (the one that answered last)
+            {"shard": s.get("shard"), "live_items": s["live_items"],
+             "rss_mb": round((s.get("rss_bytes") or 0) / 2**20, 1),
+             "index_mb": round(s.get("index_bytes", 0) / 2**20, 1)}
+            for s in sorted(stats, key=lambda s: s.get("shard", 0))
+        ]  # fmt: skip
         from index.drift import cell_balance
 
         out["cells"] = cell_balance(self.cell_sizes())

@@ -20,7 +20,27 @@ def parser() -> argparse.ArgumentParser:
     serve.add_command(sub)
     compaction.add_command(sub)
     demo.add_command(sub)
+    _plugins(sub)
     return p
+
+
+PLUGINS = "jointpq.cli"
+
+
+def _plugins(sub: argparse._SubParsersAction) -> None:
+    """Let installed packages extend the built-in commands: each entry point of group
+    `jointpq.cli` is a function `extend(commands)` given the subparsers by name (it may add flags
+    and wrap a command's `func`). So `cluster` adds `index --ray` and `serve --cluster` while
+    `service` never imports it: dependencies point one way. A plugin that fails to load is named
+    on stderr and left out; the built-in commands still run."""
+    from importlib.metadata import entry_points
+
+    commands = dict(sub.choices)
+    for ep in sorted(entry_points(group=PLUGINS), key=lambda e: e.name):
+        try:
+            ep.load()(commands)
+        except Exception as e:  # a broken plugin must not take the built-in commands down with it
+            print(f"warning: {PLUGINS} plugin {ep.name!r} ({ep.value}) not loaded: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
