@@ -10,6 +10,8 @@ TRAIN_EXAMPLE = """examples:
   jointpq train --data ../shared/data/scifact --out artifacts/scifact-auto          # auto: picks the mode from the data
   jointpq train --mode distill --data ../shared/data/scifact --out artifacts/scifact-distill --m 8 --queries queries.txt
   jointpq train --mode poeem --data ../shared/data/scifact --out artifacts/scifact-poeem --distill-weight 1
+  torchrun --nproc_per_node 2 -m service.cli train --mode poeem --data ../shared/data/scifact --out artifacts/p2
+      # data-parallel (poeem, distill): --batch-size stays the global batch, each process takes batch/2
 """
 INDEX_EXAMPLE = """examples:
   jointpq index --artifact artifacts/shop-v3 --corpus catalog.jsonl.gz --out artifacts/shop-v3-i1 --publish
@@ -55,6 +57,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="then point the artifact root's CURRENT file at it (a watching service reloads)",
     )
+    p.add_argument(
+        "--loss-log", type=Path,
+        help="write the shipped run's per-step losses there, one JSON object a line (step, loss and its terms)",
+    )  # fmt: skip
     add_config_flags(p.add_argument_group("training config (defaults depend on the mode and encoder)"),
                      [m.config for m in MODES.values()])  # fmt: skip
     p.set_defaults(func=_train)
@@ -126,6 +132,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Under torchrun every rank trains (`model.distributed`); rank 0 alone evaluates, writes the
+    artifact and the loss log, publishes and prints the summary, while the others wait for it."""
+    from . import distributed
+
+    try:
+        code = _train_ranks(args)
+    except BaseException:
+        distributed.shutdown(barrier=False)  # never wait for peers that may be inside a collective
+        raise
+    distributed.shutdown()
+    return code
+
+
+def _train_ranks(args: argparse.Namespace) -> int:
+    from . import distributed
     from .auto import choose
     from .config import given_values
     from .data import load_beir, sample_labels
@@ -149,7 +170,8 @@ def _train(args: argparse.Namespace) -> int:
         mode, values = choice.mode, {k: v for k, v in choice.values.items() if k not in given}
         if given.get("encoder", "minilm-head") != "minilm-head":  # the distillation term needs the head's frozen base
             values.pop("distill_weight", None)
-        print(f"auto: {choice.reason}")
+        if distributed.is_main():
+            print(f"auto: {choice.reason}")
     cfg = resolve_config(mode, preset=args.preset, given=given, **values)
     if args.queries and mode != "distill":
         from .config import ConfigError
@@ -163,6 +185,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.queries:
         inputs.queries, inputs.query_source = read_query_file(args.queries), f"file:{args.queries}"
     result = train(data, cfg, inputs)
+    if not distributed.is_main():
+        return 0
+    if args.loss_log:
+        args.loss_log.parent.mkdir(parents=True, exist_ok=True)
+        args.loss_log.write_text("".join(json.dumps(row) + "\n" for row in result.history), encoding="utf-8")
     from index import Index
 
     idx = Index.in_memory(result.index)
@@ -178,6 +205,8 @@ def _train(args: argparse.Namespace) -> int:
 
         publish(args.out.parent, args.out.name)
     summary = {"artifact": str(args.out), "mode": mode, "selected": result.selected, "steps": len(result.history)}
+    if result.distributed is not None:
+        summary |= {"world_size": result.distributed["world_size"], "backend": result.distributed["backend"]}
     print(json.dumps(summary | result.timings | (rows[0] if rows else {})))
     return 0
 

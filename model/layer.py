@@ -155,6 +155,28 @@ class IndexingLayer(nn.Module):
         Rd[pj_t] = -s * ri + c * rj
         return len(pi)
 
+    # -- distributed training (`model.distributed`) ----------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The quantizer's state: rotation (d, d) float64, centroids (nlist, d), codebooks
+        (M, K, d/M), initialized (): what must be identical on every rank."""
+        return {
+            "rotation": self.rotation,
+            "centroids": self.centroids.data,
+            "codebooks": self.codebooks.data,
+            "initialized": self.initialized,
+        }
+
+    @torch.no_grad()
+    def broadcast_state(self) -> None:
+        """Under torchrun, every rank takes rank 0's quantizer state (after a warm start that ran on
+        rank 0 alone); the remembered buffer is dropped, as `warm_start` drops it. One process: nothing."""
+        from . import distributed
+
+        if not distributed.is_distributed():
+            return
+        distributed.broadcast_(list(self.state_tensors().values()))
+        self._seen, self._seen_n, self._R = [], 0, None
+
     # -- indexing -------------------------------------------------------------------------------
     def quantizer(self) -> Quantizer:
         """The layer's current state as the frozen quantizer an artifact ships (`index.encode`)."""

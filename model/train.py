@@ -5,6 +5,11 @@ config classes (`model.config`), the named presets in `model.presets`.
     cfg = resolve_config("distill", preset="scifact", M=8)
     result = train(data, cfg, TrainInputs(item_embeddings=cache))
     write_trained_artifact(out, result, cfg, data_path, metrics, training_canaries(result, data, "test", cfg))
+
+Under `torchrun --nproc_per_node N` (`model.distributed`), `train` joins the process group and
+poeem / distill train data-parallel: each rank takes 1/N of every global batch (`--batch-size`
+stays the global batch), gradients are averaged, the quantizer stays identical on every rank;
+the caller writes the artifact on rank 0 (`distributed.is_main()`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Any
 from index import write_artifact
 from index.canary import CANARY, CanarySet
 
-from .config import CommonConfig
+from . import distributed
+from .config import CommonConfig, ConfigError
 from .data import RetrievalData
 from .modes import MODES, TrainInputs, TrainResult, get_mode
 from .modes.base import make_encoder, seed_everything
@@ -24,6 +30,7 @@ from .presets import preset_values
 from .towers import tower_files
 
 __all__ = [
+    "DISTRIBUTED_MODES",
     "MODES",
     "TrainInputs",
     "TrainResult",
@@ -50,11 +57,37 @@ def resolve_config(
     return build_config(cls, merged, given=set(user))
 
 
+DISTRIBUTED_MODES = ("poeem", "distill")  # the modes that train data-parallel under torchrun
+
+
 def train(
     data: RetrievalData, cfg: CommonConfig, inputs: TrainInputs | None = None, progress: bool = True
 ) -> TrainResult:
-    """Run `cfg`'s mode on `data` (see `TrainInputs` for caches and query sources)."""
+    """Run `cfg`'s mode on `data` (see `TrainInputs` for caches and query sources). Launched by
+    torchrun with several processes, it first joins their process group (`distributed.init`: gloo
+    on CPU, NCCL with each rank on cuda:LOCAL_RANK) and trains data-parallel; every rank returns
+    a result, rank 0's is the one to write."""
+    distributed.init(cfg.device)
+    check_distributed(cfg)
     return get_mode(cfg.mode).train(data, cfg, inputs or TrainInputs(), progress)
+
+
+def check_distributed(cfg: CommonConfig) -> None:
+    """ConfigError unless `cfg` can train across the current process group (always fine in one
+    process): a mode that trains data-parallel, and a global batch that splits evenly over ranks."""
+    _, size = distributed.world()
+    if size == 1:
+        return
+    if cfg.mode not in DISTRIBUTED_MODES:
+        raise ConfigError(
+            f"--mode {cfg.mode} trains in one process; under torchrun use --mode {' or '.join(DISTRIBUTED_MODES)}"
+            " (or run it without torchrun)"
+        )
+    if cfg.batch_size % size:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must divide by the {size} processes (torchrun --nproc_per_node):"
+            f" it is the global batch, each rank takes batch/{size}"
+        )
 
 
 def training_canaries(
@@ -119,6 +152,8 @@ def write_trained_artifact(
         from index.drift import baseline
 
         training["drift_baseline"] = baseline(result.index, result.item_embeddings, result.item_ids)
+    if result.distributed is not None:  # torchrun: world size, backend, per-rank batch, state digests
+        training["distributed"] = result.distributed
     if canaries is not None:
         extra[CANARY] = canaries.dumps()
     return write_artifact(out, result.index, training=training, extra_files=extra)

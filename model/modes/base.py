@@ -68,6 +68,9 @@ class TrainResult:
     # report's baseline (quantization distortion of the trained items)
     item_embeddings: torch.Tensor | None = None
     item_ids: list[str] | None = None  # ids of those rows
+    # under torchrun: world size, backend, per-rank batch and each rank's sha256 of the trained
+    # state (`model.distributed.check_identical`); None in one process
+    distributed: dict[str, Any] | None = None
 
     @property
     def selected(self) -> str:

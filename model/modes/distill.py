@@ -22,10 +22,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from index import resolve_device
 from index.build import assemble
 from index.encode import decode_rotated
 
+from .. import distributed as ddp
 from ..config import CommonConfig, ConfigError, option
 from ..data import RetrievalData
 from ..distillation import LOSSES, batch_candidates, distill_loss, teacher_top
@@ -127,10 +127,18 @@ def gather_queries(data: RetrievalData, inputs: TrainInputs, cfg: DistillConfig)
 
 
 def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress: bool = True) -> TrainResult:
+    """Under torchrun (`model.distributed`): every rank draws the same global batch and the same
+    candidates (the union of the batch's teacher top-K + random items: the global batch's), then
+    scores only its 1/N of the batch's queries over them. Its loss, the mean over its rows, is
+    weighted by N x its share of the batch, so averaging the gradients over ranks gives the
+    gradient of the global batch's mean, as in one process. The teacher's embeddings and top-K,
+    the two-step start (k-means, OPQ, item assignment), any reassignment and the guard's scores
+    come from rank 0."""
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
+    dev = ddp.device(cfg.device)
+    progress = progress and ddp.is_main()
     t0 = time.perf_counter()
     base = inputs.encoder if inputs.encoder is not None else make_encoder("minilm")
     if isinstance(base, HeadEncoder):
@@ -140,17 +148,20 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
     if inputs.item_embeddings is not None:
         xb = inputs.item_embeddings.float()
     else:
-        xb = base.encode([data.corpus[d] for d in doc_ids], progress=progress, desc="teacher: encode items")
+        xb = ddp.from_main(
+            base.encode, [data.corpus[d] for d in doc_ids], progress=progress, desc="teacher: encode items"
+        )
     texts, source = gather_queries(data, inputs, cfg)
     train_texts, val_texts = hold_aside(texts, cfg.val_fraction, cfg.val_min, cfg.val_max, cfg.seed)
     if not cfg.guard:
         train_texts, val_texts = texts, []
-    qt = base_embeddings(base, memo, train_texts)  # (Nq, d) teacher queries
-    qv = base_embeddings(base, memo, val_texts)
+    ddp.check_same((doc_ids, train_texts, val_texts), "training queries or corpus")
+    qt = ddp.from_main(base_embeddings, base, memo, train_texts)  # (Nq, d) teacher queries
+    qv = ddp.from_main(base_embeddings, base, memo, val_texts)
     encode_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    start = two_step_start(xb, doc_ids, cfg, inputs.start)
+    start = ddp.from_main(two_step_start, xb, doc_ids, cfg, inputs.start)  # k-means + assignment: rank 0's
     build_seconds = time.perf_counter() - t1
     # corpus order -> index row: cells and codes kept per corpus row
     row_of = {d: r for r, d in enumerate(start.ids)}
@@ -173,7 +184,7 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, cfg.warmup_steps)))
 
-    top = teacher_top(qt, xb, cfg.top_k)  # (Nq, K)
+    top = ddp.from_main(teacher_top, qt, xb, cfg.top_k)  # (Nq, K)
     xb_dev, qt_dev = xb.to(dev), qt.to(dev)
     student = Student(layer, cells, codes, head)
 
@@ -192,10 +203,10 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
     guard: Guard = Guard(None, cfg.patience)
     teacher_val = None
     if val_texts:
-        teacher_val = teacher_relevance(teacher_top(qv, xb, 10).numpy(), doc_ids)
+        teacher_val = teacher_relevance(ddp.from_main(teacher_top, qv, xb, 10).numpy(), doc_ids)
         validation = Validation(val_texts, teacher_val, "recall@10", cfg.val_nprobe)
         guard = Guard(validation, cfg.patience)
-        guard.start(validation.score(base, start), (base, start))
+        guard.start(ddp.from_main(validation.score, base, start), (base, start))
         if progress:
             print(f"distill: two-step start overlap@10 {guard.best_score:.4f} on {len(val_texts)} held-aside queries")
 
@@ -205,6 +216,8 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
     t2 = time.perf_counter()
     order = list(range(len(train_texts)))
     stop = False
+    learned = [p for g in groups for p in g["params"]]
+    ddp.broadcast_([*learned, *layer.buffers()])  # as DDP starts: every rank from rank 0's weights
     for epoch in range(1, cfg.epochs + 1):
         rng.shuffle(order)
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"distill epoch {epoch}", disable=not progress)
@@ -212,30 +225,34 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
         for s in bar:
             batch = torch.tensor(order[s : s + cfg.batch_size])
             cand = batch_candidates(top, batch, len(doc_ids), cfg.random_items, gen).to(dev)
-            qb = qt_dev[batch.to(dev)]
-            with torch.no_grad():
-                teacher = qb @ xb_dev[cand].T  # (B, U)
-            full, coarse = student.scores(qb, cand, cfg.metric)
-            loss_full = distill_loss(cfg.loss, teacher, full, cfg.temperature)
-            loss_coarse = distill_loss(cfg.loss, teacher, coarse, cfg.temperature)
-            loss = loss_full + cfg.coarse_weight * loss_coarse
-            opt.zero_grad()
-            loss.backward()
+            if ddp.is_distributed():
+                row = _distributed_step(student, opt, learned, batch, cand, qt_dev, xb_dev, cfg)
+            else:
+                qb = qt_dev[batch.to(dev)]
+                with torch.no_grad():
+                    teacher = qb @ xb_dev[cand].T  # (B, U)
+                full, coarse = student.scores(qb, cand, cfg.metric)
+                loss_full = distill_loss(cfg.loss, teacher, full, cfg.temperature)
+                loss_coarse = distill_loss(cfg.loss, teacher, coarse, cfg.temperature)
+                loss = loss_full + cfg.coarse_weight * loss_coarse
+                opt.zero_grad()
+                loss.backward()
+                row = {"loss": loss.item(), "full": loss_full.item(), "coarse": loss_coarse.item()}
             opt.step()
             sched.step()
             layer.rotation_step(cfg.rotation_lr * min(1.0, (len(history) + 1) / max(1, cfg.warmup_steps)))
-            history.append(
-                {"step": len(history), "loss": loss.item(), "full": loss_full.item(), "coarse": loss_coarse.item()}
-            )
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if cfg.max_seconds and time.perf_counter() - t2 > cfg.max_seconds:
+            history.append({"step": len(history), **row})
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if cfg.max_seconds and ddp.agree(time.perf_counter() - t2 > cfg.max_seconds):
                 stop = True
                 break
-        if cfg.reassign:
-            student.reassign(xb_dev, cfg.metric)
+        if cfg.reassign:  # item assignment: rank 0's, so every rank scores the same codes
+            if ddp.is_main():
+                student.reassign(xb_dev, cfg.metric)
+            ddp.broadcast_([student.cells, student.codes])
         if validation is not None:
             qe, idx = snapshot()
-            score = validation.score(qe, idx)
+            score = ddp.from_main(validation.score, qe, idx)
             if progress:
                 print(f"distill: epoch {epoch} overlap@10 {score:.4f}")
             if guard.offer(epoch, score, lambda qe=qe, idx=idx: (qe, idx)):
@@ -243,12 +260,54 @@ def train(data: RetrievalData, cfg: DistillConfig, inputs: TrainInputs, progress
         if stop:
             break
     train_seconds = time.perf_counter() - t2
+    state = layer.state_tensors() | {"cells": student.cells, "codes": student.codes}
+    if head is not None:
+        state |= {f"head.{k}": p for k, p in head.head.named_parameters()}
+    record = ddp.check_identical(state, "distill: the quantizer or the query head")
+    if record is not None:
+        record["batch_per_rank"] = cfg.batch_size // record["world_size"]
     query_enc, index = guard.best if validation is not None else snapshot()
     if progress:
         print(guard.message("distill"))
-    record = guard.record() | {"query_source": source, "train_queries": len(train_texts)}
+    validation_record = guard.record() | {"query_source": source, "train_queries": len(train_texts)}
     canary = {"texts": val_texts[:32], "expected": [sorted(r) for r in (teacher_val or [])[:32]]} if val_texts else None
     timings = {"train_seconds": train_seconds, "encode_items_seconds": encode_seconds, "index_seconds": build_seconds}
     return TrainResult(
-        query_enc, base, replace(index), history, timings, record, canary, item_embeddings=xb, item_ids=doc_ids
-    )
+        query_enc, base, replace(index), history, timings, validation_record, canary, item_embeddings=xb,
+        item_ids=doc_ids, distributed=record,
+    )  # fmt: skip
+
+
+def _distributed_step(
+    student: Student,
+    opt: torch.optim.Optimizer,
+    learned: list[torch.Tensor],
+    batch: torch.Tensor,
+    cand: torch.Tensor,
+    qt: torch.Tensor,
+    xb: torch.Tensor,
+    cfg: DistillConfig,
+) -> dict[str, float]:
+    """One rank's part of a step under torchrun: its rows `shard(len(batch))` of the global batch
+    scored over the global batch's candidates `cand` (U,); backward of (N x share) x its mean
+    loss, gradients averaged over ranks (= the gradient of the global mean); returns the global
+    batch's mean losses (per-rank means weighted by share, summed over ranks). A rank with no
+    rows (a last batch smaller than N) still joins the averaging, with zero gradients."""
+    _, size = ddp.world()
+    lo, hi = ddp.shard(len(batch))
+    share = (hi - lo) / len(batch)
+    opt.zero_grad()
+    values = [0.0, 0.0, 0.0]
+    if hi > lo:
+        qb = qt[batch[lo:hi].to(qt.device)]
+        with torch.no_grad():
+            teacher = qb @ xb[cand].T  # (B_r, U)
+        full, coarse = student.scores(qb, cand, cfg.metric)
+        loss_full = distill_loss(cfg.loss, teacher, full, cfg.temperature)
+        loss_coarse = distill_loss(cfg.loss, teacher, coarse, cfg.temperature)
+        loss = loss_full + cfg.coarse_weight * loss_coarse
+        (loss * (size * share)).backward()
+        values = [share * loss.item(), share * loss_full.item(), share * loss_coarse.item()]
+    ddp.average_gradients([*learned, student.layer.rotation_leaf()])
+    total, full_v, coarse_v = ddp.all_reduce_sum(values)
+    return {"loss": total, "full": full_v, "coarse": coarse_v}

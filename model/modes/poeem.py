@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from index import TorchSearcher, exact_search, resolve_device
+from index import TorchSearcher, exact_search
 from index.ivfpq import IVFPQ
 
+from .. import distributed as ddp
 from ..config import ConfigError, option
 from ..data import RetrievalData
 from ..encoders import HeadEncoder, TextEncoder
@@ -108,10 +109,17 @@ def mine_hard_negatives(
 
 
 def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: bool = True) -> TrainResult:
+    """Under torchrun (`model.distributed`): each rank embeds its 1/N of every global batch's
+    queries, positives, negatives and catalog items; the embeddings are all-gathered, so every
+    rank computes the loss of the whole global batch, as one process would; the gather hands each
+    rank N x its rows' gradient and averaging over ranks divides by N: one process's gradient.
+    Hard negatives, the k-means warm start, the two-step start and the guard's scores come from
+    rank 0; corpus encoding and the final indexing run on every rank (deterministic, identical)."""
     from tqdm.auto import tqdm
 
     seed_everything(cfg.seed)
-    dev = resolve_device(cfg.device)
+    dev = ddp.device(cfg.device)
+    progress = progress and ddp.is_main()
     split = inputs.split
     item_enc = (inputs.encoder or make_encoder(cfg.encoder, cfg.dim, inputs.memo)).to(dev)
     if isinstance(item_enc, HeadEncoder) and inputs.memo:
@@ -126,7 +134,9 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
         item_enc.dim, cfg.nlist, cfg.M, cfg.nbits, cfg.metric, rotation=cfg.rotation, beta=cfg.commitment
     ).to(dev)
     params = list({id(p): p for p in [*item_enc.parameters(), *query_enc.parameters(), *layer.parameters()]}.values())
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr)
+    trainable = [p for p in params if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr)
+    ddp.broadcast_([*trainable, *layer.buffers()])  # as DDP starts: every rank from rank 0's weights
     doc_ids = list(data.corpus)
     doc_texts = [data.corpus[d] for d in doc_ids]
     positives = {q: set(docs) for q, docs in data.positives(split).items()}
@@ -134,6 +144,7 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     train_set = set(qids)
     pairs = [(q, d) for q, docs in data.qrels[split].items() if q in train_set for d, s in docs.items() if s > 0]
     rng = random.Random(cfg.seed)
+    ddp.check_same(pairs, "training pairs")
     if cfg.epochs and len(pairs) < cfg.batch_size:  # the loop below would run no step, silently
         raise ValueError(
             f"{len(pairs)} training pairs in {split!r}, fewer than batch_size={cfg.batch_size}: no training step"
@@ -143,8 +154,8 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     t0 = time.perf_counter()
     d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
     if validation is not None:  # the two-step start: the untrained towers' embeddings, OPQ + IVF-PQ
-        start = two_step_start(d_emb, doc_ids, cfg, inputs.start)
-        guard.start(validation.score(query_enc, start), (*towers(query_enc, item_enc), start, d_emb))
+        start = ddp.from_main(two_step_start, d_emb, doc_ids, cfg, inputs.start)
+        guard.start(ddp.from_main(validation.score, query_enc, start), (*towers(query_enc, item_enc), start, d_emb))
         if progress:
             print(f"poeem: two-step start nDCG@10 {guard.best_score:.4f} on {len(validation.texts)} held-aside queries")
     distill = None
@@ -155,6 +166,7 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
             texts, base_embeddings(base, item_enc.memo, texts), base_embeddings(base, item_enc.memo, doc_texts),
             cfg.distill_top_k, cfg.distill_temperature, cfg.seed,
         )  # fmt: skip
+        distill.top = ddp.from_main(lambda: distill.top)  # one teacher ranking steers every rank's candidates
     start_seconds = time.perf_counter() - t0
     history: list[dict[str, float]] = []
     step, hard, index = 0, {}, None
@@ -162,12 +174,14 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     stop, validated, epoch_run = False, True, 0
     for epoch in range(1, cfg.epochs + 1):
         epoch_run = epoch
-        if cfg.hard_negatives:  # mine from the current model (index once quantized)
-            q_emb = query_enc.encode([data.queries[q] for q in qids])
-            if index is None:
-                d_emb = item_enc.encode(doc_texts)
-                index = layer.to_ivfpq(d_emb, doc_ids) if bool(layer.initialized) else None
-            hard = mine_hard_negatives(q_emb, index, d_emb, qids, positives, doc_ids, cfg.hard_pool, cfg.nlist)
+        if cfg.hard_negatives:  # mine from the current model (index once quantized); on rank 0, broadcast
+            if ddp.is_main():
+                q_emb = query_enc.encode([data.queries[q] for q in qids])
+                if index is None:
+                    d_emb = item_enc.encode(doc_texts)
+                    index = layer.to_ivfpq(d_emb, doc_ids) if bool(layer.initialized) else None
+                hard = mine_hard_negatives(q_emb, index, d_emb, qids, positives, doc_ids, cfg.hard_pool, cfg.nlist)
+            hard = ddp.broadcast_object(hard)
         rng.shuffle(pairs)
         bar = tqdm(
             range(0, len(pairs) - cfg.batch_size + 1, cfg.batch_size), desc=f"epoch {epoch}", disable=not progress
@@ -179,14 +193,15 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
                 _warm_start(layer, item_enc, doc_texts, cfg, rng)
             negs = [rng.choice(hard[q]) for q, _ in batch for _ in range(cfg.hard_negatives) if hard.get(q)]
             q_texts = [data.queries[qid] for qid, _ in batch]
-            q = query_enc.embed(q_texts)
+            # (one process: plain `embed`; torchrun: this rank's share, the global batch gathered)
+            q = ddp.embed_sharded(query_enc, q_texts)
             items, distortion = layer(
-                item_enc.embed([data.corpus[d] for _, d in batch] + [data.corpus[d] for d in negs])
+                ddp.embed_sharded(item_enc, [data.corpus[d] for _, d in batch] + [data.corpus[d] for d in negs])
             )
             loss_r = contrastive(q, items[: len(batch)], items[len(batch) :], cfg.temperature)
             if cfg.catalog_items and bool(layer.initialized):  # the quantizer fits the catalog, not only positives
                 _, catalog_distortion = layer(
-                    item_enc.embed(rng.sample(doc_texts, min(cfg.catalog_items, len(doc_texts))))
+                    ddp.embed_sharded(item_enc, rng.sample(doc_texts, min(cfg.catalog_items, len(doc_texts))))
                 )
                 distortion = (distortion + catalog_distortion) / 2
             loss = loss_r + cfg.distortion_weight * distortion
@@ -194,25 +209,27 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
             if distill is not None:
                 unique = list(dict.fromkeys(q_texts))
                 q_rows, cand = distill.candidates(unique)
-                cand_items, _ = layer(item_enc.embed([doc_texts[r] for r in cand.tolist()]))
-                loss_d = distill.loss(q_rows, cand, query_enc.embed(unique) @ cand_items.T)
+                cand_items, _ = layer(ddp.embed_sharded(item_enc, [doc_texts[r] for r in cand.tolist()]))
+                loss_d = distill.loss(q_rows, cand, ddp.embed_sharded(query_enc, unique) @ cand_items.T)
                 loss = loss + cfg.distill_weight * loss_d
                 row["distill"] = loss_d.item()
             opt.zero_grad()
             loss.backward()
+            if ddp.is_distributed():  # every rank's loss is the global batch's: the mean is its gradient
+                ddp.average_gradients([*trainable, layer.rotation_leaf()])
             opt.step()
             layer.rotation_step(cfg.rotation_lr)
             history.append(row | {"loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.3f}")
             step += 1
-            if cfg.max_seconds and time.perf_counter() - t1 > cfg.max_seconds:
+            if cfg.max_seconds and ddp.agree(time.perf_counter() - t1 > cfg.max_seconds):
                 stop = True
                 break
         index = None
         if validation is not None and cfg.quantize and bool(layer.initialized):
             d_emb = item_enc.encode(doc_texts)
             index = layer.to_ivfpq(d_emb, doc_ids)
-            score = validation.score(query_enc, index)
+            score = ddp.from_main(validation.score, query_enc, index)
             validated = True
             if progress:
                 print(f"poeem: epoch {epoch} nDCG@10 {score:.4f}")
@@ -223,17 +240,25 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
     if cfg.quantize and not bool(layer.initialized):
         _warm_start(layer, item_enc, doc_texts, cfg, rng)
     train_seconds = time.perf_counter() - t1
+    trained = {f"{tower}.{k}": p for tower, enc in (("query", query_enc), ("item", item_enc))
+               for k, p in enc.named_parameters() if p.requires_grad}  # fmt: skip
+    record = ddp.check_identical(trained | layer.state_tensors(), "poeem: the towers or the quantizer")
+    if record is not None:
+        record["batch_per_rank"] = cfg.batch_size // record["world_size"]
     t2 = time.perf_counter()
     d_emb = item_enc.encode(doc_texts, progress=progress, desc="encode items")
     t3 = time.perf_counter()
     # indexing is one forward pass of the layer; --no-quantize: the two-step recipe on the same trained model
-    final = layer.to_ivfpq(d_emb, doc_ids, progress=progress) if cfg.quantize else two_step_start(d_emb, doc_ids, cfg)
+    if cfg.quantize:
+        final = layer.to_ivfpq(d_emb, doc_ids, progress=progress)
+    else:
+        final = ddp.from_main(two_step_start, d_emb, doc_ids, cfg)
     index_seconds = time.perf_counter() - t3
     query_out: TextEncoder = query_enc
     item_out: TextEncoder = item_enc
     if validation is not None:
         if not validated:  # trained after the last validation (warm start at the end, --no-quantize)
-            score = validation.score(query_enc, final)
+            score = ddp.from_main(validation.score, query_enc, final)
             guard.offer(epoch_run, score, lambda: (*towers(query_enc, item_enc), final, d_emb))
         query_out, item_out, final, d_emb = guard.best
     if progress:
@@ -262,6 +287,7 @@ def train(data: RetrievalData, cfg: PoeemConfig, inputs: TrainInputs, progress: 
         guard.record(),
         item_embeddings=d_emb,
         item_ids=doc_ids,
+        distributed=record,
     )
 
 
@@ -276,9 +302,16 @@ def _warm_start(
     layer: IndexingLayer, item_enc: TextEncoder, doc_texts: list[str], cfg: PoeemConfig, rng: random.Random
 ) -> None:
     """k-means init from the current item embeddings (a sample of the corpus), or, for the
-    no-warm-start ablation, codebooks drawn from random items (dead codewords expected)."""
+    no-warm-start ablation, codebooks drawn from random items (dead codewords expected). Under
+    torchrun every rank draws the sample (the rng stays in step), rank 0 alone runs k-means, and
+    every rank takes its result."""
     sample = rng.sample(doc_texts, min(len(doc_texts), cfg.warm_items))
-    x = item_enc.encode(sample)
+    if ddp.is_main():
+        _fit(layer, item_enc.encode(sample), cfg)
+    layer.broadcast_state()
+
+
+def _fit(layer: IndexingLayer, x: torch.Tensor, cfg: PoeemConfig) -> None:
     if cfg.warm_start:
         layer.warm_start(x, seed=cfg.seed, niter=cfg.warm_start_iters)
         return

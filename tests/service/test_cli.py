@@ -86,7 +86,14 @@ def help_examples(command: str) -> list[list[str]]:
         return []
     lines = [ln.strip() for ln in text[head.end() :].splitlines() if ln.strip()]
     assert lines, f"{command}: '{head.group()}' with nothing after it"
-    return [shlex.split(ln, comments=True) for ln in lines]
+    out = []
+    for argv in (shlex.split(ln, comments=True) for ln in lines):
+        if argv and argv[0] == "torchrun":  # a launcher in front: `torchrun ... -m service.cli COMMAND ...`
+            assert "service.cli" in argv, argv
+            argv = ["jointpq", *argv[argv.index("service.cli") + 1 :]]
+        if argv:  # a comment line explains the one above
+            out.append(argv)
+    return out
 
 
 def help_example(command: str) -> list[str] | None:
