@@ -80,6 +80,23 @@ class ClusterService:
             self.log.close()
 
 
+def sequential(url: str, dim: int, n: int = 200) -> dict:
+    """One request at a time: the whole path's latency, and the router's (or service's) own part
+    (`took_ms`: parse, probe, search or fan-out, merge), so the hops' cost shows."""
+    import numpy as np
+
+    x = np.random.default_rng(1).standard_normal((n + 20, dim)).astype(np.float32)
+    took = []
+    with httpx.Client(base_url=url, timeout=30) as c:
+        for i in range(20):
+            c.post("/search", json={"vector": x[i].tolist(), "k": 10})
+        t0 = time.perf_counter()
+        for i in range(20, n + 20):
+            took.append(c.post("/search", json={"vector": x[i].tolist(), "k": 10}).json()["took_ms"])
+        wall = (time.perf_counter() - t0) / n * 1000
+    return {"seq_ms": round(wall, 2), "server_ms": round(float(np.median(took)), 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", type=int, default=1_000_000, help="items of the synthetic artifact (d=128, M=16)")
@@ -99,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, Service(root, batching="on", token=token, version="v1",
                                                        torch_threads=args.torch_threads) as svc:  # fmt: skip
         stats = run_wrk(svc.url, args.users, args.seconds, "vector", Path(tmp))[0]
+        stats |= sequential(svc.url, int(svc.info["artifact"]["dim"]))
         row = {"serving": "single process", "shards": "-", "rss_mb_per_process": rss_mb(svc.proc.pid)} | stats
         report(row)
         rows.append(row)
     for s in args.shards:
         with tempfile.TemporaryDirectory() as tmp, ClusterService(root, s, 1, token, "v1", args.torch_threads) as c:
             stats = run_wrk(c.url, args.users, args.seconds, "vector", Path(tmp))[0]
+            stats |= sequential(c.url, int(c.info["artifact"]["dim"]))
             live = httpx.get(f"{c.url}/info", timeout=30).json()["artifact"]["live"]
             per = live.get("per_shard", [])
             row = {"serving": f"ray serve, S={s} R=1", "shards": s,
@@ -116,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.json:
         print()
         print(markdown_table(
-            ["serving", "RPS", "p50 ms", "p99 ms", "failures", "RSS MB (each shard)", "index MB (each shard)"],
+            ["serving", "RPS", "p50 ms", "p99 ms", "failures", "one at a time ms (server part)",
+             "RSS MB (each shard)", "index MB (each shard)"],
             [[r["serving"], f"{r['rps']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", r["failures"],
-              r["rss_mb_per_process"], r.get("index_mb_per_shard", "-")] for r in rows],
+              f"{r['seq_ms']:.1f} ({r['server_ms']:.1f})", r["rss_mb_per_process"], r.get("index_mb_per_shard", "-")]
+             for r in rows],
         ))  # fmt: skip
     return 1 if any(r["failures"] for r in rows) else 0
 

@@ -9,6 +9,7 @@ then deletes the application and, when it started Ray itself, stops Ray.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from .sharded import ClusterConfig
 def replica_cpus(shards: int, replicas: int, cpus: float) -> float:
     """Ray CPUs per replica so S x R shard replicas and the router fit `cpus` (capped at 1): Ray
     would otherwise leave replicas pending forever on a small machine."""
-    return round(min(1.0, cpus / (shards * replicas + 1)), 3)
+    return min(1.0, math.floor(1000 * cpus / (shards * replicas + 1)) / 1000)  # rounded down: they must fit
 
 
 def run_cluster(args: argparse.Namespace) -> int:
