@@ -57,8 +57,6 @@ def _wrap(single: Any):
 def _ray(args: argparse.Namespace) -> int:
     if args.shards is None:
         raise ValueError("--ray needs --shards S: it writes S shard artifacts (a shard set) directly")
-    if args.publish:
-        raise ValueError("--publish points CURRENT at one artifact; a shard set is served by jointpq serve --cluster")
     if args.batch_size < 1 or args.ray_chunk < 1:
         raise ValueError(f"--batch-size and --ray-chunk must be >= 1, got {args.batch_size} and {args.ray_chunk}")
     try:
@@ -72,5 +70,10 @@ def _ray(args: argparse.Namespace) -> int:
         mode=args.mode, batch_size=args.batch_size, address=args.ray_address, device=args.device,
         runtime=args.encoder_runtime, concurrency=args.ray_workers, chunk=args.ray_chunk,
     )  # fmt: skip
+    if args.publish:  # for `jointpq serve --cluster --watch` on this root (a single-process service refuses it)
+        from index.pointer import publish
+
+        publish(shard_set.path.parent, shard_set.path.name)
+        record["published"] = True
     print(json.dumps({"shard_set": str(shard_set.path)} | record))
     return 0

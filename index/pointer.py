@@ -22,6 +22,7 @@ from .artifact import MANIFEST
 from .errors import ArtifactError, JointPQError
 
 POINTER = "CURRENT"
+SHARDS = "shards.json"  # a shard set's index file (index.shard.SHARDS; not imported: shard imports artifact too)
 
 
 NAME_MAX = 255  # bytes per path component (ext4, xfs, APFS); longer names fail in the OS with ENAMETOOLONG
@@ -107,10 +108,11 @@ def read_pointer(root: str | Path, pointer: str = POINTER) -> str | None:
 
 
 def publish(root: str | Path, version: str, pointer: str = POINTER) -> Path:
-    """Point `root/pointer` at `version` (which must be an artifact inside root), atomically."""
+    """Point `root/pointer` at `version` (an artifact inside root, or a shard set of one for the
+    sharded service: `index.shard`), atomically."""
     target = resolve_in_root(root, version)
-    if not (target / MANIFEST).is_file():
-        raise ArtifactError(f"{target}: not an artifact (no {MANIFEST})")
+    if not (target / MANIFEST).is_file() and not (target / SHARDS).is_file():
+        raise ArtifactError(f"{target}: not an artifact (no {MANIFEST}) nor a shard set (no {SHARDS})")
     path = Path(root) / pointer
     tmp = path.with_name(f".{pointer}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(version + "\n", encoding="utf-8")

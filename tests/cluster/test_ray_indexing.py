@@ -166,7 +166,6 @@ def test_cli_ray_flags_are_checked_in_one_line(tmp_path, catalog, capsys):
         (["--ray"], "error: --ray needs --shards S: it writes S shard artifacts (a shard set) directly"),
         (["--shards", "2"], "error: --shards go with --ray (index into a shard set); to split an existing artifact:"
                             " jointpq shard"),
-        (["--ray", "--shards", "2", "--publish"], "error: --publish points CURRENT at one artifact;"),
     ]  # fmt: skip
     for flags, message in cases:
         assert main([*base, *flags]) == 2, flags

@@ -60,7 +60,8 @@ def test_publish_and_current_version(root):
     assert read_pointer(path) is None and current_version(path) in ("a-v1", "a-v2")
     publish(path, "a-v1")
     assert read_pointer(path) == "a-v1" == current_version(path)
-    with pytest.raises(ArtifactError, match=r"missing: not an artifact \(no manifest\.json\)$"):
+    refused = r"missing: not an artifact \(no manifest\.json\) nor a shard set \(no shards\.json\)$"
+    with pytest.raises(ArtifactError, match=refused):
         publish(path, "missing")  # an ArtifactError, not PathOutsideRoot: "missing" is inside the root
     assert read_pointer(path) == "a-v1"  # the refused publish left the pointer alone
     with pytest.raises(PathOutsideRoot, match=r"'\.\./a-v1' is not inside the artifact root"):

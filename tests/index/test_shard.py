@@ -147,6 +147,18 @@ def test_shard_artifact_writes_complete_artifacts_that_say_what_they_are(indexes
         read_shard_set(shards.path)
 
 
+def test_a_shard_set_can_be_published_for_the_sharded_service(indexes, tmp_path):
+    from index.pointer import publish, read_pointer
+
+    write_artifact(tmp_path / "v1", indexes["ip", 8])
+    shard_artifact(tmp_path / "v1", 2, tmp_path / "v1-s2")
+    publish(tmp_path, "v1-s2")
+    assert read_pointer(tmp_path) == "v1-s2"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="nor a shard set"):
+        publish(tmp_path, "empty")
+
+
 def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
