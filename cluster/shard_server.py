@@ -46,8 +46,24 @@ class Held:
     path: Path
     view: LiveIndex
     manifest_sha256: str
+    tower: str | None = None  # fingerprint of the version's encoders (`model.towers.tower_fingerprint`)
     loaded_at: float = field(default_factory=time.time)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one log catch-up at a time
+    item_encoder: Any = None  # loaded on first need: texts logged under another model are encoded again
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """This version's item tower over `texts` (n,) -> (n, d): replaying a text written while
+        another model served puts it where this model puts it, as the single-process service does."""
+        if self.item_encoder is None:
+            from model.encoders import load_encoder
+            from model.towers import load_item_encoder
+            query = load_encoder(self.path, runtime="torch", device="cpu") if (
+                self.path / "encoder" / "encoder.json").is_file() else None  # fmt: skip
+            self.item_encoder = load_item_encoder(self.path, query=query, device=torch.device("cpu"),
+                                                  runtime="torch").eval()  # fmt: skip
+        from service.holder import encode_by_length
+
+        return encode_by_length(self.item_encoder, texts)
 
 
 class ShardServer:
@@ -74,14 +90,15 @@ class ShardServer:
         m = index.manifest
         if m is None or m.shard is None or m.shard["index"] != self.shard or m.shard["count"] != self.shards:
             raise ValueError(f"{p.name}: not shard {self.shard} of {self.shards}")
+        from index.artifact import sha256_file
+        from model.towers import tower_fingerprint
+
         seq = int((m.training or {}).get("applied_seq") or 0)
-        view = LiveIndex(index, seq)
+        held = Held(key, p, LiveIndex(index, seq), sha256_file(p / "manifest.json"), tower_fingerprint(m.files))
         entries = self.wal.read_all(after=seq)
         if entries:
-            view = replay(view, entries_for(entries, self.shard, self.shards))
-        from index.artifact import sha256_file
-
-        return Held(key, p, view, sha256_file(p / "manifest.json"))
+            held.view = replay(held.view, entries_for(entries, self.shard, self.shards), held.encode_texts, held.tower)
+        return held
 
     async def hold(self, key: str, path: str) -> dict[str, Any]:
         """Load `key` (idempotent); what the router checks before it switches: this replica's
@@ -140,7 +157,7 @@ class ShardServer:
         with h.lock:
             entries = self.wal.read_new(after=h.view.applied_seq)
             if entries:
-                h.view = replay(h.view, entries_for(entries, self.shard, self.shards))
+                h.view = replay(h.view, entries_for(entries, self.shard, self.shards), h.encode_texts, h.tower)
             return len(entries)
 
     def _start_follower(self) -> None:

@@ -269,6 +269,11 @@ class ShardedView:
         return self.contains_many([item_id])[0]
 
     @property
+    def changed(self) -> bool:
+        """Whether any shard holds writes beyond its artifact (the cached figures)."""
+        return any(s["delta_items"] or s["deleted_base_items"] for s in self.index.shard_stats())
+
+    @property
     def n_live(self) -> int:
         stats = self.index.shard_stats()
         return sum(s["live_items"] for s in stats) if len(stats) == len(self.index.handles) else self.index.data.n

@@ -108,6 +108,9 @@ def router(upsert_model: type[BaseModel], delete_model: type[BaseModel]) -> APIR
         loaded = _loaded(holder)
         t0 = time.perf_counter()
         view = loaded.live.view
+        if not hasattr(view, "compacted"):  # a sharded version (cluster/): its items live in the shards
+            raise ApiError(409, f"{loaded.version} is served sharded: compact it offline (`jointpq compact"
+                                " --artifact-root ...` on its root; the watching cluster then loads the result)")
         if not view.changed:
             return json_response(
                 {"compacted": False, "version": loaded.version, "took_ms": round(1e3 * (time.perf_counter() - t0), 3)}

@@ -173,6 +173,8 @@ def test_a_live_write_reaches_the_owning_shard_and_the_next_search(cluster):
     assert r.status_code == 200 and r.json()["unknown"] == ["never-there"], r.text
     body = cluster.post("/search", json={"vector": v.tolist(), "k": 3}).json()
     assert "new-1" not in body["results"][0]["ids"]
+    r = cluster.post("/admin/compact", headers=AUTH)  # the items live in the shards: compacted offline
+    assert r.status_code == 409 and "jointpq compact" in r.json()["error"], r.text
 
 
 def replica_actors(deployment: str) -> list:
