@@ -34,9 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,17 +52,7 @@ from index.drift import DriftStats, report
 from index.encode import Quantizer
 from index.errors import ArtifactError, JointPQError
 from index.ivfpq import IVFPQ
-from index.shard import (
-    ShardSet,
-    carried_files,
-    check_count,
-    merge,
-    read_shard_set,
-    shard_name,
-    shard_of,
-    write_shard,
-    write_shard_set,
-)
+from index.shard import ShardSet, carried_files, check_count, merge, shard_of, write_shards
 from model.indexing import CHUNK, INDEX_MODES, Batch, IndexingError, corpus_batches, vector_batches
 from model.towers import TOWER, NoItemTower, has_item_tower
 
@@ -342,7 +330,9 @@ def index_with_ray(
     canaries = _carried_canaries(artifact, parts, parent.metric)
     if canaries is not None:
         extra[CANARY] = canaries.dumps()
-    shard_set = _write_set(out, parts, total, training, extra)
+    # the set's parent is `out`'s name: what `jointpq shard` of a single-process `jointpq index --out
+    # <that name>` would record
+    shard_set = write_shards(out, parts, out.name, training, extra)
     return shard_set, record | {"drift": training["drift"]}
 
 
@@ -473,22 +463,3 @@ def _carried_canaries(artifact: Path, parts: list[IVFPQ], metric: str):
     )
 
 
-def _write_set(
-    out: Path, parts: list[IVFPQ], total: int, training: dict[str, Any], extra: dict[str, Path | bytes]
-) -> ShardSet:
-    """The S shard artifacts and shards.json, in a temp directory renamed to `out` once whole.
-    The set's `parent` is `out`'s name: the version these are slices of, as `jointpq shard` of a
-    single-process `jointpq index --out <that name>` would record it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        S = len(parts)
-        paths = [write_shard(tmp / shard_name(i, S), part, i, S, out.name, total, training=training,
-                             extra_files=extra) for i, part in enumerate(parts)]  # fmt: skip
-        write_shard_set(tmp, paths, out.name)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return read_shard_set(out)

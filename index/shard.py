@@ -149,17 +149,24 @@ def shard_artifact(artifact: str | Path, shards: int, out: str | Path) -> ShardS
     manifest, index = read_artifact(src)
     if manifest.shard is not None:
         raise ArtifactError(f"{src}: is itself a shard ({manifest.version}); shard the whole artifact")
+    training = dict(manifest.training) | {"sharded_from": manifest.version}
+    return write_shards(out, split(index, shards), manifest.version, training, carried_files(src, manifest.files))
+
+
+def write_shards(
+    out: Path, parts: Sequence[IVFPQ], parent: str, training: dict[str, Any], extra_files: dict[str, Path | bytes]
+) -> ShardSet:
+    """`parts` (shard i = parts[i]) as the new shard set `out`: each an artifact with `extra_files`
+    (the model) and `training`, then shards.json; all in a temp directory renamed to `out` once whole."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        extra = carried_files(src, manifest.files)
-        paths = []
-        for i, part in enumerate(split(index, shards)):
-            training = dict(manifest.training) | {"sharded_from": manifest.version}
-            paths.append(write_shard(tmp / shard_name(i, shards), part, i, shards, manifest.version, index.n,
-                                     training=training, extra_files=extra))  # fmt: skip
-        write_shard_set(tmp, paths, manifest.version)
+        S, total = len(parts), sum(p.n for p in parts)
+        paths = [write_shard(tmp / shard_name(i, S), part, i, S, parent, total, training=training,
+                             extra_files=extra_files) for i, part in enumerate(parts)]  # fmt: skip
+        write_shard_set(tmp, paths, parent)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
