@@ -53,7 +53,15 @@ from index.encode import Quantizer
 from index.errors import ArtifactError, JointPQError
 from index.ivfpq import IVFPQ
 from index.shard import ShardSet, carried_files, check_count, merge, shard_of, write_shards
-from model.indexing import CHUNK, INDEX_MODES, Batch, IndexingError, corpus_batches, vector_batches
+from model.indexing import (
+    CHUNK,
+    INDEX_MODES,
+    Batch,
+    IndexingError,
+    corpus_batches,
+    indexing_record,
+    vector_batches,
+)
 from model.towers import TOWER, NoItemTower, has_item_tower
 
 # Items per actor call (one map_batches row). Smaller than index_catalog's 16384 so that a
@@ -300,19 +308,9 @@ def index_with_ray(
     total = sum(p.n for p in parts)
     sizes = torch.stack([p.list_sizes() for p in parts]).sum(0)  # the whole index's cells, as one would hold
     seconds = time.perf_counter() - t0
-    record = {
-        "parent": manifest.version,
-        "mode": mode,
-        "source": source,
-        "given": len(new_ids),
-        "added": len(new_ids) - replaced,
-        "replaced": replaced,
-        "removed": len(parent_ids) - replaced if mode == "replace" else 0,
-        "items": total,
-        "encoder": "item tower" if texts else "vectors given",
-        "seconds": round(seconds, 3),
-        "encode_seconds": round(encode_seconds, 3),  # summed over the workers (worker-seconds)
-        "items_per_second": round(len(new_ids) / seconds, 1) if seconds > 0 else None,
+    # encode_seconds: summed over the workers (worker-seconds)
+    record = indexing_record(manifest.version, mode, source, len(new_ids), replaced, len(parent_ids), total,
+                             bool(texts), seconds, encode_seconds) | {
         "indexed_with": INDEXED_WITH,
         "ray_version": ray.__version__,
         "workers": workers,

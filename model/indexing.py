@@ -43,6 +43,27 @@ INDEX_MODES = ("replace", "add")
 CHUNK = 16384  # items per encode + quantize step; a multiple of the encoder batch (64)
 
 
+def indexing_record(
+    parent: str, mode: str, source: str, given: int, replaced: int, parent_items: int, items: int, encoded: bool,
+    seconds: float, encode_seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The manifest's `training.indexed` record of one indexing run (`jointpq index`, with or without --ray)."""
+    return {
+        "parent": parent,
+        "mode": mode,
+        "source": source,
+        "given": given,
+        "added": given - replaced,
+        "replaced": replaced,
+        "removed": parent_items - replaced if mode == "replace" else 0,
+        "items": items,
+        "encoder": "item tower" if encoded else "vectors given",
+        "seconds": round(seconds, 3),
+        "encode_seconds": round(encode_seconds, 3),
+        "items_per_second": round(given / seconds, 1) if seconds > 0 else None,
+    }
+
+
 class IndexingError(JointPQError, ValueError):
     """The items to index cannot be indexed with this artifact; the message names the input."""
 
@@ -196,20 +217,8 @@ def index_catalog(
         parent.metric, parent.rotation, parent.centroids, parent.codebooks, all_cells, all_codes, all_ids, parent.nbits
     )
     seconds = time.perf_counter() - t0
-    record = {
-        "parent": manifest.version,
-        "mode": mode,
-        "source": source,
-        "given": len(new_ids),
-        "added": len(new_ids) - replaced,
-        "replaced": replaced,
-        "removed": len(parent_ids) - replaced if mode == "replace" else 0,
-        "items": index.n,
-        "encoder": "item tower" if encoder is not None else "vectors given",
-        "seconds": round(seconds, 3),
-        "encode_seconds": round(encode_seconds, 3),
-        "items_per_second": round(len(new_ids) / seconds, 1) if seconds > 0 else None,
-    }
+    record = indexing_record(manifest.version, mode, source, len(new_ids), replaced, len(parent_ids), index.n,
+                             encoder is not None, seconds, encode_seconds)  # fmt: skip
     training = dict(manifest.training)
     training["indexed"] = record
     training["drift"] = report(manifest.training.get("drift_baseline"), drift, index.list_sizes())
