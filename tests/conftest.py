@@ -29,6 +29,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+DEMO_DATA = ROOT / "data" / "scifact-demo"
+
+
+@pytest.fixture(scope="session")
+def artifact_root(tmp_path_factory) -> Path:
+    """Root with `text-v1` and `text-v2` (hashed-encoder poeem, different seeds, with canaries),
+    `vec-v1` (a vector-only two-step artifact, d=24) and a CURRENT pointer at text-v1. Here, not in
+    tests/service/, so the service and cluster tests share one (each training costs seconds);
+    tests that change a root copy it (`root_copy`)."""
+    from index import build_ivfpq, write_artifact
+    from index.pointer import publish
+    from service.demo import build_demo
+
+    root = tmp_path_factory.mktemp("artifacts")
+    for seed, version in ((0, "text-v1"), (1, "text-v2")):
+        build_demo(root, DEMO_DATA, "hashed", version=version, seed=seed, epochs=1, max_seconds=4, dim=64)
+    x = clustered(2000, 24, seed=3)
+    write_artifact(root / "vec-v1", build_ivfpq(x, nlist=16, M=8, ids=[f"v{i}" for i in range(len(x))]))
+    publish(root, "text-v1")
+    return root
+
+
 def shared(name: str) -> Path:
     """Path of a shared data set, or skip the test saying why (a user's clone has no ../shared)."""
     path = SHARED_DATA / name

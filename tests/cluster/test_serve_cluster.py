@@ -8,6 +8,7 @@ run in file order and the later ones build on the earlier (the swap leaves vec-v
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import clustered
-from tests.service.conftest import DEMO_DATA, TOKEN, Server
+from tests.service.conftest import TOKEN, Server
 
 pytestmark = pytest.mark.slow
 
@@ -26,19 +27,18 @@ DIM = 64
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """text-v1 (a hashed-encoder demo artifact, SciFact doc ids, canaries) and vec-v2 (vectors
-    only, the same dim, ids b-*): a response's ids tell which version produced it."""
+def root(artifact_root, tmp_path_factory):
+    """A copy of the session's artifact root (text-v1: a hashed-encoder demo artifact, SciFact doc
+    ids, canaries; CURRENT at it) plus vec-v2 and vec-v3 (vectors only, the same dim, ids b-* and
+    c-*): a response's ids tell which version produced it. A copy: the cluster writes shard sets
+    and the item log into its root."""
     from index import build_ivfpq, write_artifact
-    from index.pointer import publish
-    from service.demo import build_demo
 
-    root = tmp_path_factory.mktemp("cluster-root")
-    build_demo(root, DEMO_DATA, "hashed", version="text-v1", seed=0, epochs=1, max_seconds=4, dim=DIM)
+    root = tmp_path_factory.mktemp("cluster") / "root"
+    shutil.copytree(artifact_root, root)
     x = clustered(3000, DIM, seed=7)
     write_artifact(root / "vec-v2", build_ivfpq(x, nlist=16, M=8, ids=[f"b-{i}" for i in range(len(x))]))
     write_artifact(root / "vec-v3", build_ivfpq(x, nlist=16, M=8, ids=[f"c-{i}" for i in range(len(x))]))
-    publish(root, "text-v1")
     return root
 
 
