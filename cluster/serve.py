@@ -36,22 +36,24 @@ def run_cluster(args: argparse.Namespace) -> int:
 
     from .app import APP_NAME, build
 
+    for flag, v in (("--shards", args.shards), ("--replicas", args.replicas), ("--replica-cpus", args.replica_cpus)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{flag} must be > 0, got {v}")
+    if args.shard_deadline_s is not None and args.shard_deadline_s <= 0:
+        raise ValueError(f"--shard-deadline-s must be > 0, got {args.shard_deadline_s}")
     given = apply_flags(args)
     try:
         settings = Settings()
-        config = ClusterConfig(
-            shards=args.shards or 1,
-            replicas=args.replicas or 1,
-            on_partial=args.on_partial or "partial",
-            shard_deadline_s=args.shard_deadline_s or 5.0,
-        )
     except ValidationError as e:
         for line in describe_errors(e, given):
             print(f"error: {line}", file=sys.stderr)
         return 2
-    for flag, v in (("--shards", config.shards), ("--replicas", config.replicas)):
-        if v < 1:
-            raise ValueError(f"{flag} must be >= 1, got {v}")
+    config = ClusterConfig(
+        shards=args.shards if args.shards is not None else 1,
+        replicas=args.replicas if args.replicas is not None else 1,
+        on_partial=args.on_partial or "partial",
+        shard_deadline_s=args.shard_deadline_s if args.shard_deadline_s is not None else 5.0,
+    )
     configure_logging(settings.log_level)
     started = not ray.is_initialized()
     if started:
