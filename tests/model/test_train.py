@@ -3,6 +3,8 @@ learns, and the artifact it writes serves exactly what the model scores."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from model.data import load_beir
 from model.encoders import load_encoder
 from model.evaluate import evaluate, metrics
 from model.modes import TrainInputs
+from model.modes.base import two_step_start
 from model.train import make_encoder, resolve_config, seed_everything, train, write_trained_artifact
 from tests.conftest import shared
 
@@ -29,6 +32,27 @@ def scifact_small():
 @pytest.fixture(scope="module")
 def trained(scifact_small):
     return train(scifact_small, CFG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def jpq_inputs(scifact_small, trained):
+    """inputs(cfg) -> TrainInputs for a jpq run from the Poeem run's item tower, with the corpus
+    embeddings and the two-step start (OPQ + IVF-PQ) that `jpq.train` would compute for `cfg`
+    passed in through its cache inputs (`item_embeddings`, `start`). Computed once: the three jpq
+    runs below start from the very same build (same tower, M, nlist, seed), so they run exactly as
+    if each had built it. Every run gets its own copies: none can see what another changed."""
+    enc = trained.item_encoder
+    doc_ids = list(scifact_small.corpus)
+    emb = enc.encode([scifact_small.corpus[d] for d in doc_ids])
+    starts = {}
+
+    def inputs(cfg) -> TrainInputs:
+        key = (cfg.M, cfg.nlist, cfg.nbits, cfg.metric, cfg.seed, cfg.kmeans_iters)
+        if key not in starts:
+            starts[key] = two_step_start(emb, doc_ids, cfg)
+        return TrainInputs(encoder=enc, item_embeddings=emb.clone(), start=copy.deepcopy(starts[key]))
+
+    return inputs
 
 
 def _recall100_at_init(data) -> float:
@@ -79,7 +103,7 @@ def test_artifact_serves_what_the_model_scores(tmp_path, scifact_small, trained)
         assert ids[b][0] == trained.index.ids[int(best.indices[b, 0])]
 
 
-def test_jpq_training_improves_over_its_two_step_start(scifact_small, trained):
+def test_jpq_training_improves_over_its_two_step_start(scifact_small, jpq_inputs):
     """JPQ from a 'pretrained' encoder (the Poeem run above): the index starts as OPQ + IVF-PQ of
     its fixed item embeddings; training the query encoder and the codebooks (codes fixed) with the
     LambdaRank-weighted pairwise loss must beat that start, on the queries it trains on and on the
@@ -97,12 +121,9 @@ def test_jpq_training_improves_over_its_two_step_start(scifact_small, trained):
     from index.loader import Index
 
     values = {"M": 8, "nlist": 16, "seed": 0, "batch_size": 32, "lr": 1e-4, "codebook_lr": 1e-4, "guard": False}
-    start = train(
-        scifact_small, resolve_config("jpq", epochs=0, **values), TrainInputs(encoder=trained.item_encoder), False
-    )
-    after = train(
-        scifact_small, resolve_config("jpq", epochs=3, **values), TrainInputs(encoder=trained.item_encoder), False
-    )
+    cfg0, cfg3 = resolve_config("jpq", epochs=0, **values), resolve_config("jpq", epochs=3, **values)
+    start = train(scifact_small, cfg0, jpq_inputs(cfg0), False)
+    after = train(scifact_small, cfg3, jpq_inputs(cfg3), False)
     assert torch.equal(after.index.codes, start.index.codes)  # assignments never move in JPQ
     assert torch.equal(after.index.centroids, start.index.centroids)  # nor the coarse cells
     assert not torch.equal(after.index.codebooks, start.index.codebooks)
@@ -117,7 +138,7 @@ def test_jpq_training_improves_over_its_two_step_start(scifact_small, trained):
     assert after_test > before_test + 0.01, (before_test, after_test)  # and it carries over to new queries
 
 
-def test_distill_weight_zero_reproduces_the_labelled_results_of_before(scifact_small, trained):
+def test_distill_weight_zero_reproduces_the_labelled_results_of_before(scifact_small, trained, jpq_inputs):
     """`--distill-weight 0 --no-guard` is the labelled training of before the distillation term
     and the guard: figures recorded by running the previous code (commit c2aca4d, its
     `train_poeem` / `train_jpq`) on this very subset and config, on this machine's CPU."""
@@ -134,7 +155,7 @@ def test_distill_weight_zero_reproduces_the_labelled_results_of_before(scifact_s
     np.testing.assert_allclose(losses[:3], [4.850842, 4.842133, 4.735233], rtol=1e-4)
     assert abs(losses[-1] - 1.289272) < 2e-3 and abs(ndcg(trained) - 0.345298) < 2e-3
     cfg = resolve_config("jpq", M=8, nlist=16, epochs=2, seed=0, batch_size=32, lr=1e-4, codebook_lr=1e-4, guard=False)
-    jpq = train(scifact_small, cfg, TrainInputs(encoder=trained.item_encoder), progress=False)
+    jpq = train(scifact_small, cfg, jpq_inputs(cfg), progress=False)
     losses = [h["loss"] for h in jpq.history]
     assert len(losses) == 52
     np.testing.assert_allclose(losses[:3], [16.526648, 15.026606, 14.042963], rtol=1e-4)
