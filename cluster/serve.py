@@ -12,10 +12,7 @@ import argparse
 import math
 import os
 import signal
-import sys
 import threading
-
-from pydantic import ValidationError
 
 from .sharded import ClusterConfig
 
@@ -31,8 +28,7 @@ def run_cluster(args: argparse.Namespace) -> int:
     from ray import serve
 
     from service.logs import configure_logging
-    from service.serve import apply_flags
-    from service.settings import Settings, describe_errors
+    from service.serve import settings_from_flags
 
     from .app import APP_NAME, build
 
@@ -41,12 +37,8 @@ def run_cluster(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be > 0, got {v}")
     if args.shard_deadline_s is not None and args.shard_deadline_s <= 0:
         raise ValueError(f"--shard-deadline-s must be > 0, got {args.shard_deadline_s}")
-    given = apply_flags(args)
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        for line in describe_errors(e, given):
-            print(f"error: {line}", file=sys.stderr)
+    settings = settings_from_flags(args)
+    if settings is None:
         return 2
     config = ClusterConfig(
         shards=args.shards if args.shards is not None else 1,

@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 FLAGS = {  # flag dest -> env var
     "artifact_root": "JOINTPQ_ARTIFACT_ROOT",
@@ -68,19 +72,28 @@ def apply_flags(args: argparse.Namespace) -> dict[str, str]:
     return given
 
 
+def settings_from_flags(args: argparse.Namespace) -> Settings | None:
+    """`Settings` from JOINTPQ_* with the given flags written over them, or None after printing one
+    `error:` line per bad value naming the flag (or variable) that set it (`jointpq serve [--cluster]`)."""
+    from .settings import Settings, describe_errors
+
+    given = apply_flags(args)
+    try:
+        return Settings()
+    except ValidationError as e:
+        for line in describe_errors(e, given):
+            print(f"error: {line}", file=sys.stderr)
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .http_limits import export_for_workers, uvicorn_options
     from .logs import configure_logging
-    from .settings import Settings, describe_errors
 
-    given = apply_flags(args)
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        for line in describe_errors(e, given):
-            print(f"error: {line}", file=sys.stderr)
+    settings = settings_from_flags(args)
+    if settings is None:
         return 2
     configure_logging(settings.log_level)
     export_for_workers(settings)
